@@ -1,0 +1,77 @@
+"""Backend dispatch: the Triton kernels or the pure-torch path, chosen per call.
+
+``PYFUSED_BACKEND`` (read at every call, so tests and users can switch it at run time):
+
+- ``auto`` (default): Triton kernels for CUDA tensors, the pure-torch path for everything else;
+- ``torch``: always the pure-torch path (:mod:`pyfused.reference`);
+- ``triton``: always the kernels. CPU tensors are accepted only under Triton's interpreter
+  (``TRITON_INTERPRET=1``, which must be set before ``triton`` is first imported).
+
+The kernels are imported lazily, on first use, so that ``import pyfused`` never imports triton nor
+queries a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def requested() -> str:
+    """The backend named by ``PYFUSED_BACKEND`` (``auto`` when unset)."""
+    name = os.environ.get("PYFUSED_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"PYFUSED_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` go through the Triton kernels (True) or the torch path (False).
+
+    Raises RuntimeError, before anything runs, when ``PYFUSED_BACKEND=triton`` is asked for tensors that
+    the kernels cannot take.
+    """
+    name = requested()
+    if name == "torch":
+        return False
+    if device.type == "cuda":
+        return True
+    if name == "auto":
+        return False
+    if device.type == "cpu" and interpreting():
+        return True
+    raise RuntimeError(
+        f"PYFUSED_BACKEND=triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+        f"triton is imported; got tensors on {device}"
+    )
+
+
+@functools.cache
+def _kernel_ops():
+    from pyfused.kernels import mlp_backward, mlp_forward
+
+    return types.SimpleNamespace(
+        mlp_forward=mlp_forward.mlp_forward,
+        mlp_backward_rows=mlp_backward.mlp_backward_rows,
+        mlp_backward_grads=mlp_backward.mlp_backward_grads,
+        MAX_OUT=mlp_forward.MAX_OUT,
+    )
+
+
+def mlp_ops(device: torch.device):
+    """The MLP forward/backward functions for tensors on ``device``: the Triton launchers or their torch twins
+    in :mod:`pyfused.reference` (same names, same signatures)."""
+    if use_triton(device):
+        return _kernel_ops()
+    from pyfused import reference
+
+    return reference

@@ -1,0 +1,81 @@
+"""Input validation, once, at the public entry points: clear errors that name the argument, before any launch.
+
+The error classes derive from both the natural Python type and ``RuntimeError``, the type PyTorch's own ops
+raise for the same mistakes (``F.linear`` with mismatched shapes or dtypes), so code written against either
+catches them.
+"""
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor has the wrong shape for its place."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """A tensor has the wrong dtype for its place."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensors that must share a device do not."""
+
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_mlp(x, w1, b1, w2, b2) -> None:
+    """Check ``fused_mlp``'s arguments: x (*, in) floating; w1 (hidden, in); w2 (out, hidden); b1 (hidden,)
+    and b2 (out,) or None; one dtype and one device for all."""
+    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
+        _tensor(name, t)
+    if not x.is_floating_point():
+        raise DTypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if w.dim() != 2:
+            raise ShapeError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if x.dim() == 0 or x.shape[-1] != w1.shape[1]:
+        raise ShapeError(f"x must have shape (*, {w1.shape[1]}) to match w1 {tuple(w1.shape)}, got {tuple(x.shape)}")
+    hidden, out = w1.shape[0], w2.shape[0]
+    if w2.shape[1] != hidden:
+        raise ShapeError(f"w2 must have shape (out, {hidden}) to match w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
+    for name, b, n in (("b1", b1, hidden), ("b2", b2, out)):
+        if b is not None:
+            _tensor(name, b)
+            if tuple(b.shape) != (n,):
+                raise ShapeError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise DTypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise DeviceError(f"{name} must be on x's device {x.device}, got {t.device}")
+
+
+def check_target(x, target, n_out, reduction, ignore_index) -> None:
+    """Check the loss arguments: target integer with shape x.shape[:-1] on x's device, a known reduction."""
+    _tensor("target", target)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise DTypeError(f"target must hold integer class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ShapeError(f"target must have shape {tuple(x.shape[:-1])} (x's leading dims), got {tuple(target.shape)}")
+    if target.device != x.device:
+        raise DeviceError(f"target must be on x's device {x.device}, got {target.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_target_range(target, n_out, ignore_index) -> None:
+    """IndexError for a CPU target outside [0, n_out) that is not ignore_index (free: no device sync).
+    CUDA targets are not read on the host: the kernel makes their loss NaN instead."""
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= n_out)) & (target != ignore_index)
+    if bad.any():
+        value = int(target[bad][0])
+        raise IndexError(f"target {value} is out of bounds for {n_out} classes (ignore_index={ignore_index})")

@@ -1,0 +1,113 @@
+"""The fused MLP ops: ``fused_mlp`` and ``fused_mlp_nll``.
+
+Each op is a ``torch.autograd.Function`` over 2-D inputs whose forward and backward call the backend's
+functions (:func:`pyfused.backend.mlp_ops`: Triton launchers or their pure-torch twins). Under
+``torch.compile`` the same functions run behind the opaque ``torch.library`` ops of :mod:`pyfused.library`,
+so a compiled graph has no breaks; eager calls skip the op registry's overhead and go straight to the
+Function.
+
+The loss op returns per-row losses and lets autograd do the reduction, so its backward receives the factor of
+every row (1/n for mean, 1 for sum, the incoming gradient for none) as the gradient of those rows.
+"""
+import torch
+
+from pyfused import backend, checks
+
+_NEEDS_FIRST = (0, 1, 2)  # x, w1, b1: need dh
+
+
+def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, **grad):
+    """(dx, dw1, db1, dw2, db2) from the backend ``ops``; ``grad`` is ``dy=, y=`` or ``dlogits=, scale=``.
+    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2)."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs[:5]
+    dz, dh = ops.mlp_backward_rows(h, w2, need_dh=need_x or need_w1 or need_b1, **grad)
+    return ops.mlp_backward_grads(x, w1, h, dz, dh, need_dx=need_x, need_w1=need_w1 or need_b1,
+                                  need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2)
+
+
+def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, store_h):
+    """(nll rows float32, logit gradient, h) with the CPU target range check."""
+    checks.check_target_range(target, w2.shape[0], ignore_index)
+    _, h, nll, dlogits = ops.mlp_forward(x, w1, b1, w2, b2, target=target, ignore_index=ignore_index,
+                                         store_h=store_h, store_y=False)
+    return nll, dlogits, h
+
+
+class _MLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ops = backend.mlp_ops(x.device)
+        grads = any(ctx.needs_input_grad)
+        y, h, _, _ = ops.mlp_forward(x, w1, b1, w2, b2, store_h=grads)
+        if grads:
+            ctx.ops, ctx.has_b1, ctx.has_b2 = ops, b1 is not None, b2 is not None
+            ctx.save_for_backward(x, w1, w2, h, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, h, y = ctx.saved_tensors
+        return mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, dy=dy, y=y)
+
+
+class _MLPNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index):
+        ops = backend.mlp_ops(x.device)
+        grads = any(ctx.needs_input_grad[:5])
+        nll, dlogits, h = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, grads)
+        ctx.mark_non_differentiable(dlogits)
+        if grads:
+            ctx.ops, ctx.has_b1, ctx.has_b2 = ops, b1 is not None, b2 is not None
+            ctx.save_for_backward(x, w1, w2, h, dlogits)
+        return nll, dlogits
+
+    @staticmethod
+    def backward(ctx, dnll, _):
+        x, w1, w2, h, dlogits = ctx.saved_tensors
+        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2,
+                             dlogits=dlogits, scale=dnll)
+        return (*grads, None, None)
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def fused_mlp(x, w1, b1, w2, b2):
+    """``log_softmax(relu(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused.
+
+    Weights in nn.Linear layout: ``w1`` (hidden, in), ``w2`` (out, hidden); ``b1``/``b2`` may be None.
+    Returns (*, out) log-probabilities in x's dtype; differentiable in x, w1, b1, w2, b2.
+    """
+    checks.check_mlp(x, w1, b1, w2, b2)
+    if torch.compiler.is_compiling():
+        y = torch.ops.pyfused.mlp(_flat(x), w1, b1, w2, b2)[0]
+    else:
+        y = _MLP.apply(_flat(x), w1, b1, w2, b2)
+    return y.view(*x.shape[:-1], w2.shape[0])
+
+
+def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100):
+    """``F.nll_loss(fused_mlp(x, ...).reshape(-1, out), target.reshape(-1), reduction, ignore_index)``, fused.
+
+    The logit gradient is made in the forward pass. ``reduction="none"`` returns target's shape, with 0 for
+    ignored rows; ``"mean"`` divides by the number of non-ignored rows (NaN when there are none, as in torch).
+    A CPU target out of range raises IndexError; on CUDA its row's loss is NaN (the host never reads targets).
+    """
+    checks.check_mlp(x, w1, b1, w2, b2)
+    checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
+    flat_target = target.reshape(-1)
+    if torch.compiler.is_compiling():
+        nll = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index)[0]
+    else:
+        nll = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index)[0]
+    if reduction == "none":
+        return nll.to(x.dtype).view(target.shape)
+    total = nll.sum()
+    if reduction == "mean":
+        # Over zero counted rows torch's loss is NaN and its gradients are zero: divide by at least 1, add NaN
+        # as a constant so that it does not reach the gradients.
+        count = (flat_target != ignore_index).sum()
+        total = total / count.clamp(min=1) + torch.where(count == 0, float("nan"), 0.0)
+    return total.to(x.dtype)

@@ -1,0 +1,58 @@
+"""The pure-torch twins of the kernels: the CPU / ``PYFUSED_BACKEND=torch`` path and the tests' fast oracle.
+
+Each function has the signature and the results of its launcher in :mod:`pyfused.kernels` and states the same
+math with plain tensor ops, without autograd. They are written for speed on the CPU too: one matmul per
+product, activations and softmax made in place, the loss gradient made in the forward, and only the
+gradients that are asked for.
+"""
+import torch
+
+
+def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True):
+    """Twin of :func:`pyfused.kernels.mlp_forward.mlp_forward`: ``(y, h, nll, dz)`` for 2-D x.
+
+    h = relu(x @ w1ᵀ + b1); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when t_i is ignored);
+    dz = softmax(z) − onehot(t) with zero rows where t is ignored. Targets out of range must be rejected
+    before this is called.
+    """
+    h = torch.addmm(b1, x, w1.t()) if b1 is not None else torch.mm(x, w1.t())
+    h.relu_()
+    z = torch.addmm(b2, h, w2.t()) if b2 is not None else torch.mm(h, w2.t())
+    y = torch.log_softmax(z, dim=1)
+    nll = dz = None
+    if target is not None:
+        keep = (target != ignore_index).unsqueeze(1)
+        safe = torch.where(keep, target.unsqueeze(1), 0)
+        nll = y.gather(1, safe).neg_().mul_(keep).squeeze(1).float()
+        dz = torch.exp(y, out=z)
+        dz.scatter_add_(1, safe, keep.to(dz.dtype).neg_())
+        dz.mul_(keep)
+    return (y if store_y else None), (h if store_h else None), nll, dz
+
+
+def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_dh=True):
+    """Twin of :func:`pyfused.kernels.mlp_backward.mlp_backward_rows`: ``(dz, dh)``.
+
+    dz = scale_i · dlogits (loss) or dy − exp(y) · Σ_j dy (log_softmax backward); dh = (dz @ w2) ⊙ [h > 0].
+    """
+    if dlogits is not None:
+        dz = dlogits * (scale.unsqueeze(1) if scale.dim() else scale)
+    else:
+        dz = dy - torch.exp(y) * dy.sum(dim=1, keepdim=True)
+    if not need_dh:
+        return dz, None
+    dh = torch.mm(dz, w2)
+    return dz, dh.masked_fill_(h <= 0, 0)
+
+
+def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True):
+    """Twin of :func:`pyfused.kernels.mlp_backward.mlp_backward_grads`: ``(dx, dw1, db1, dw2, db2)``.
+
+    dx = dh @ w1; dw1 = dhᵀ @ x; db1 = Σ_rows dh; dw2 = dzᵀ @ h; db2 = Σ_rows dz.
+    """
+    dx = torch.mm(dh, w1) if need_dx else None
+    dw1 = torch.mm(dh.t(), x) if need_w1 else None
+    db1 = dh.sum(0) if need_w1 and has_b1 else None
+    dw2 = torch.mm(dz.t(), h) if need_w2 else None
+    db2 = dz.sum(0) if need_w2 and has_b2 else None
+    return dx, dw1, db1, dw2, db2
