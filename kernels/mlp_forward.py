@@ -30,7 +30,7 @@ def mlp_forward_kernel(
     h_ptr,  # out: (B, hidden) contiguous, relu activations saved for backward (STORE_H)
     y_ptr,  # out: (B, out) contiguous, log-probabilities (STORE_Y)
     target_ptr,  # (B,) integer class indices (LOSS)
-    nll_ptr,  # out: (B,) float32, −y[i, t_i]; 0 for ignored rows, NaN for targets out of range (LOSS)
+    nll_ptr,  # out: (B,) float32 (float64 for float64 x), −y[i, t_i]; 0 for ignored rows, NaN for targets out of range (LOSS)
     dz_ptr,  # out: (B, out) contiguous, softmax − onehot(t), zero rows where t == ignore_index (LOSS)
     n_rows, n_in, n_hidden, n_out, ignore_index,
     stride_x_row, stride_x_col, stride_w1_row, stride_w1_col, stride_w2_row, stride_w2_col, stride_target,
@@ -114,7 +114,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     loss = target is not None
     y = torch.empty((n_rows, n_out), device=x.device, dtype=x.dtype) if store_y else None
     h = torch.empty((n_rows, n_hidden), device=x.device, dtype=x.dtype) if store_h else None
-    nll = torch.empty(n_rows, device=x.device, dtype=torch.float32) if loss else None
+    nll = torch.empty(n_rows, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)) if loss else None
     dz = torch.empty((n_rows, n_out), device=x.device, dtype=x.dtype) if loss else None
     if n_rows == 0:
         return y, h, nll, dz

@@ -30,14 +30,15 @@ def _(x, w1, b1, w2, b2):
 @torch.library.custom_op("pyfused::mlp_nll", mutates_args=())
 def mlp_nll(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], target: Tensor,
             ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(nll rows float32, logit gradient, h)."""
+    """(nll rows in float32 or wider, logit gradient, h)."""
     return nll_forward(backend.mlp_ops(x.device), x, w1, b1, w2, b2, target, ignore_index, True)
 
 
 @mlp_nll.register_fake
 def _(x, w1, b1, w2, b2, target, ignore_index):
     rows = x.shape[0]
-    return x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, w2.shape[0]), x.new_empty(rows, w1.shape[0])
+    nll = x.new_empty(rows, dtype=torch.promote_types(x.dtype, torch.float32))
+    return nll, x.new_empty(rows, w2.shape[0]), x.new_empty(rows, w1.shape[0])
 
 
 @torch.library.custom_op("pyfused::mlp_backward", mutates_args=())

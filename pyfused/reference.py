@@ -12,7 +12,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     """Twin of :func:`pyfused.kernels.mlp_forward.mlp_forward`: ``(y, h, nll, dz)`` for 2-D x.
 
     h = relu(x @ w1ᵀ + b1); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when t_i is ignored);
-    dz = softmax(z) − onehot(t) with zero rows where t is ignored. Targets out of range must be rejected
+    dz = softmax(z) − onehot(t) with zero rows where t is ignored; nll in float32 (float64 for float64). Targets out of range must be rejected
     before this is called.
     """
     h = torch.addmm(b1, x, w1.t()) if b1 is not None else torch.mm(x, w1.t())
@@ -23,7 +23,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     if target is not None:
         keep = (target != ignore_index).unsqueeze(1)
         safe = torch.where(keep, target.unsqueeze(1), 0)
-        nll = y.gather(1, safe).neg_().mul_(keep).squeeze(1).float()
+        nll = y.gather(1, safe).neg_().mul_(keep).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
         dz = torch.exp(y, out=z)
         dz.scatter_add_(1, safe, keep.to(dz.dtype).neg_())
         dz.mul_(keep)

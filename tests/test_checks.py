@@ -1,0 +1,60 @@
+"""Bad input: clear errors naming the argument, raised before anything runs, of PyTorch's types."""
+import pytest
+import torch
+
+import pyfused
+
+from test_functional import make
+
+
+@pytest.fixture
+def args():
+    x, w1, b1, w2, b2, target = make((4,), 6, 5, 3, True, device="cpu")
+    return dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2), target
+
+
+CASES = [
+    ("x", lambda a: a["x"].long(), TypeError, "x must be a floating-point"),
+    ("x", lambda a: a["x"][:, :5], ValueError, r"x must have shape \(\*, 6\)"),
+    ("x", lambda a: a["x"].double(), TypeError, None),
+    ("w1", lambda a: a["w1"][0], ValueError, "w1 must be 2-D"),
+    ("w1", lambda a: a["w1"].double(), TypeError, "w1 must have x's dtype"),
+    ("w2", lambda a: a["w2"][:, :4], ValueError, r"w2 must have shape \(out, 5\)"),
+    ("b1", lambda a: a["b1"][:4], ValueError, r"b1 must have shape \(5,\)"),
+    ("b2", lambda a: a["b2"].double(), TypeError, "b2 must have x's dtype"),
+    ("b2", lambda a: a["b2"].to("meta"), ValueError, "b2 must be on x's device"),
+    ("w2", lambda a: "not a tensor", TypeError, "w2 must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,bad,error,match", CASES)
+def test_bad_mlp_arguments(backend, args, name, bad, error, match):
+    kw, target = args
+    kw = dict(kw, **{name: bad(kw)})
+    with pytest.raises(error, match=match):
+        pyfused.fused_mlp(**kw)
+    with pytest.raises(error, match=match):
+        pyfused.fused_mlp_nll(**kw, target=target)
+    if isinstance(kw[name], torch.Tensor):
+        with pytest.raises(RuntimeError):  # also the type PyTorch's own ops raise for a bad tensor
+            pyfused.fused_mlp(**kw)
+
+
+@pytest.mark.parametrize("target,kwargs,error,match", [
+    (lambda t: t.float(), {}, TypeError, "target must hold integer"),
+    (lambda t: t[:3], {}, ValueError, r"target must have shape \(4,\)"),
+    (lambda t: t, dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda t: t, dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+])
+def test_bad_loss_arguments(backend, args, target, kwargs, error, match):
+    kw, t = args
+    with pytest.raises(error, match=match):
+        pyfused.fused_mlp_nll(**kw, target=target(t), **kwargs)
+
+
+@pytest.mark.parametrize("value", [3, -1, 100])
+def test_cpu_target_out_of_range_is_index_error(backend, args, value):
+    kw, target = args
+    target[1] = value
+    with pytest.raises(IndexError, match=f"target {value} is out of bounds"):
+        pyfused.fused_mlp_nll(**kw, target=target)
