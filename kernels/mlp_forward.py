@@ -50,7 +50,7 @@ def mlp_forward_kernel(
         h_mask = hs < n_hidden
         acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
         for k0 in range(0, n_in, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = tl.arange(0, BLOCK_K).to(tl.int64) + k0
             k_mask = ks < n_in
             x = tl.load(x_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -111,6 +111,8 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     """
     n_rows, n_in = x.shape
     n_hidden, n_out = w1.shape[0], w2.shape[0]
+    if n_out > MAX_OUT:
+        raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {n_out}; use PYFUSED_BACKEND=torch")
     loss = target is not None
     y = torch.empty((n_rows, n_out), device=x.device, dtype=x.dtype) if store_y else None
     h = torch.empty((n_rows, n_hidden), device=x.device, dtype=x.dtype) if store_h else None

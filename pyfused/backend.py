@@ -34,11 +34,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether tensors on ``device`` go through the Triton kernels (True) or the torch path (False).
+def use_triton(device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Whether tensors on ``device`` (of ``dtype``) go through the Triton kernels (True) or the torch path.
 
     Raises RuntimeError, before anything runs, when ``PYFUSED_BACKEND=triton`` is asked for tensors that
-    the kernels cannot take.
+    the kernels cannot take: CPU tensors without the interpreter, or bfloat16 under the interpreter (which
+    computes garbage for it instead of failing).
     """
     name = requested()
     if name == "torch":
@@ -48,6 +49,8 @@ def use_triton(device: torch.device) -> bool:
     if name == "auto":
         return False
     if device.type == "cpu" and interpreting():
+        if dtype == torch.bfloat16:
+            raise RuntimeError("Triton's interpreter does not support bfloat16; use PYFUSED_BACKEND=torch on CPU")
         return True
     raise RuntimeError(
         f"PYFUSED_BACKEND=triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -67,10 +70,10 @@ def _kernel_ops():
     )
 
 
-def mlp_ops(device: torch.device):
+def mlp_ops(device: torch.device, dtype: torch.dtype | None = None):
     """The MLP forward/backward functions for tensors on ``device``: the Triton launchers or their torch twins
     in :mod:`pyfused.reference` (same names, same signatures)."""
-    if use_triton(device):
+    if use_triton(device, dtype):
         return _kernel_ops()
     from pyfused import reference
 

@@ -75,6 +75,9 @@ def check_target_range(target, n_out, ignore_index) -> None:
     CUDA targets are not read on the host: the kernel makes their loss NaN instead."""
     if target.device.type != "cpu" or target.numel() == 0:
         return
+    low, high = torch.aminmax(target)
+    if low >= 0 and high < n_out:
+        return
     bad = ((target < 0) | (target >= n_out)) & (target != ignore_index)
     if bad.any():
         value = int(target[bad][0])

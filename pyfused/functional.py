@@ -6,14 +6,12 @@ functions (:func:`pyfused.backend.mlp_ops`: Triton launchers or their pure-torch
 so a compiled graph has no breaks; eager calls skip the op registry's overhead and go straight to the
 Function.
 
-The loss op returns per-row losses and lets autograd do the reduction, so its backward receives the factor of
-every row (1/n for mean, 1 for sum, the incoming gradient for none) as the gradient of those rows.
+The loss op reduces inside itself; its backward turns the incoming gradient into the factor of every row
+(:func:`row_scale`) that multiplies the logit gradient made in the forward.
 """
 import torch
 
 from pyfused import backend, checks
-
-_NEEDS_FIRST = (0, 1, 2)  # x, w1, b1: need dh
 
 
 def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, **grad):
@@ -25,18 +23,34 @@ def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, **grad):
                                   need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2)
 
 
-def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, store_h):
-    """(nll rows float32, logit gradient, h) with the CPU target range check."""
+def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h):
+    """(loss, logit gradient, h, count), after the CPU target range check.
+
+    loss is reduced as asked, in float32 (float64 for float64 x); count is the number of counted rows for
+    "mean" (a 0-dim tensor, read by :func:`row_scale`), else None. Over zero counted rows the mean is 0/0 = NaN.
+    """
     checks.check_target_range(target, w2.shape[0], ignore_index)
     _, h, nll, dlogits = ops.mlp_forward(x, w1, b1, w2, b2, target=target, ignore_index=ignore_index,
                                          store_h=store_h, store_y=False)
-    return nll, dlogits, h
+    if reduction == "none":
+        return nll, dlogits, h, None
+    if reduction == "sum":
+        return nll.sum(), dlogits, h, None
+    count = (target != ignore_index).sum()
+    return nll.sum() / count, dlogits, h, count
+
+
+def row_scale(dloss, count):
+    """The factor of every row's logit gradient: dloss (rows,) for "none", dloss for "sum", dloss / count for
+    "mean" — with count at least 1, so that, as in torch, no counted rows give zero gradients, not NaN."""
+    dloss = dloss.to(torch.promote_types(dloss.dtype, torch.float32))
+    return dloss if count is None else dloss / count.clamp(min=1)
 
 
 class _MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        ops = backend.mlp_ops(x.device)
+        ops = backend.mlp_ops(x.device, x.dtype)
         grads = any(ctx.needs_input_grad)
         y, h, _, _ = ops.mlp_forward(x, w1, b1, w2, b2, store_h=grads)
         if grads:
@@ -52,22 +66,21 @@ class _MLP(torch.autograd.Function):
 
 class _MLPNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index):
-        ops = backend.mlp_ops(x.device)
+    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index, reduction):
+        ops = backend.mlp_ops(x.device, x.dtype)
         grads = any(ctx.needs_input_grad[:5])
-        nll, dlogits, h = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, grads)
-        ctx.mark_non_differentiable(dlogits)
+        loss, dlogits, h, count = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, grads)
         if grads:
-            ctx.ops, ctx.has_b1, ctx.has_b2 = ops, b1 is not None, b2 is not None
+            ctx.ops, ctx.has_b1, ctx.has_b2, ctx.count = ops, b1 is not None, b2 is not None, count
             ctx.save_for_backward(x, w1, w2, h, dlogits)
-        return nll, dlogits
+        return loss.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dnll, _):
+    def backward(ctx, dloss):
         x, w1, w2, h, dlogits = ctx.saved_tensors
         grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2,
-                             dlogits=dlogits, scale=dnll)
-        return (*grads, None, None)
+                             dlogits=dlogits, scale=row_scale(dloss, ctx.count))
+        return (*grads, None, None, None)
 
 
 def _flat(x):
@@ -99,15 +112,7 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
     flat_target = target.reshape(-1)
     if torch.compiler.is_compiling():
-        nll = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index)[0]
+        loss = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction)[0]
     else:
-        nll = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index)[0]
-    if reduction == "none":
-        return nll.to(x.dtype).view(target.shape)
-    total = nll.sum()
-    if reduction == "mean":
-        # Over zero counted rows torch's loss is NaN and its gradients are zero: divide by at least 1, add NaN
-        # as a constant so that it does not reach the gradients.
-        count = (flat_target != ignore_index).sum()
-        total = total / count.clamp(min=1) + torch.where(count == 0, float("nan"), 0.0)
-    return total.to(x.dtype)
+        loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction)
+    return loss.view(target.shape) if reduction == "none" else loss

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 
 from pyfused import backend
-from pyfused.functional import mlp_backward, nll_forward
+from pyfused.functional import mlp_backward, nll_forward, row_scale
 
 
 @torch.library.custom_op("pyfused::mlp", mutates_args=())
 def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(y, h): log-probabilities and the hidden activations saved for backward."""
-    y, h, _, _ = backend.mlp_ops(x.device).mlp_forward(x, w1, b1, w2, b2)
+    y, h, _, _ = backend.mlp_ops(x.device, x.dtype).mlp_forward(x, w1, b1, w2, b2)
     return y, h
 
 
@@ -29,16 +29,19 @@ def _(x, w1, b1, w2, b2):
 
 @torch.library.custom_op("pyfused::mlp_nll", mutates_args=())
 def mlp_nll(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], target: Tensor,
-            ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(nll rows in float32 or wider, logit gradient, h)."""
-    return nll_forward(backend.mlp_ops(x.device), x, w1, b1, w2, b2, target, ignore_index, True)
+            ignore_index: int, reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss in x's dtype, logit gradient, h, count of counted rows — an empty tensor unless "mean")."""
+    loss, dlogits, h, count = nll_forward(backend.mlp_ops(x.device, x.dtype), x, w1, b1, w2, b2, target,
+                                          ignore_index, reduction, True)
+    return loss.to(x.dtype), dlogits, h, x.new_empty(0, dtype=torch.int64) if count is None else count
 
 
 @mlp_nll.register_fake
-def _(x, w1, b1, w2, b2, target, ignore_index):
+def _(x, w1, b1, w2, b2, target, ignore_index, reduction):
     rows = x.shape[0]
-    nll = x.new_empty(rows, dtype=torch.promote_types(x.dtype, torch.float32))
-    return nll, x.new_empty(rows, w2.shape[0]), x.new_empty(rows, w1.shape[0])
+    loss = x.new_empty(rows if reduction == "none" else ())
+    count = x.new_empty(() if reduction == "mean" else 0, dtype=torch.int64)
+    return loss, x.new_empty(rows, w2.shape[0]), x.new_empty(rows, w1.shape[0]), count
 
 
 @torch.library.custom_op("pyfused::mlp_backward", mutates_args=())
@@ -46,7 +49,7 @@ def mlp_backward_op(x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, g: Tensor, y_o
                     needs: list[bool], has_b1: bool, has_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2); ``g, y_or_scale`` are ``dlogits, scale`` when ``loss`` else ``dy, y``."""
     grad = dict(dlogits=g, scale=y_or_scale) if loss else dict(dy=g, y=y_or_scale)
-    grads = mlp_backward(backend.mlp_ops(x.device), x, w1, w2, h, needs, has_b1, has_b2, **grad)
+    grads = mlp_backward(backend.mlp_ops(x.device, x.dtype), x, w1, w2, h, needs, has_b1, has_b2, **grad)
     return tuple(x.new_empty(0) if t is None else t for t in grads)
 
 
@@ -81,15 +84,16 @@ def _mlp_backward(ctx, dy, _dh):
 
 
 def _nll_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, _, _ = inputs
-    ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-    ctx.save_for_backward(x, w1, w2, output[2], output[1])
+    x, w1, b1, w2, b2, _, _, reduction = inputs
+    ctx.has_b1, ctx.has_b2, ctx.mean = b1 is not None, b2 is not None, reduction == "mean"
+    ctx.save_for_backward(x, w1, w2, output[2], output[1], output[3])
 
 
-def _nll_backward(ctx, dnll, _ddlogits, _dh):
-    x, w1, w2, h, dlogits = ctx.saved_tensors
-    grads = mlp_backward_op(x, w1, w2, h, dlogits, dnll, True, _needs(ctx), ctx.has_b1, ctx.has_b2)
-    return (*_grads(ctx, *grads), None, None)
+def _nll_backward(ctx, dloss, _ddlogits, _dh, _dcount):
+    x, w1, w2, h, dlogits, count = ctx.saved_tensors
+    scale = row_scale(dloss, count if ctx.mean else None)
+    grads = mlp_backward_op(x, w1, w2, h, dlogits, scale, True, _needs(ctx), ctx.has_b1, ctx.has_b2)
+    return (*_grads(ctx, *grads), None, None, None)
 
 
 mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)

@@ -21,12 +21,13 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     y = torch.log_softmax(z, dim=1)
     nll = dz = None
     if target is not None:
-        keep = (target != ignore_index).unsqueeze(1)
-        safe = torch.where(keep, target.unsqueeze(1), 0)
-        nll = y.gather(1, safe).neg_().mul_(keep).squeeze(1).to(torch.promote_types(y.dtype, torch.float32))
+        target = target.long()
+        nll = torch.nn.functional.nll_loss(y, target, reduction="none", ignore_index=ignore_index)
+        keep = (target != ignore_index).unsqueeze(1).to(y.dtype)
         dz = torch.exp(y, out=z)
-        dz.scatter_add_(1, safe, keep.to(dz.dtype).neg_())
+        dz.scatter_add_(1, torch.where(keep > 0, target.unsqueeze(1), 0), keep.neg())
         dz.mul_(keep)
+        nll = nll.to(torch.promote_types(y.dtype, torch.float32))
     return (y if store_y else None), (h if store_h else None), nll, dz
 
 
@@ -36,7 +37,7 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
     dz = scale_i · dlogits (loss) or dy − exp(y) · Σ_j dy (log_softmax backward); dh = (dz @ w2) ⊙ [h > 0].
     """
     if dlogits is not None:
-        dz = dlogits * (scale.unsqueeze(1) if scale.dim() else scale)
+        dz = (dlogits * (scale.unsqueeze(1) if scale.dim() else scale)).to(h.dtype)
     else:
         dz = dy - torch.exp(y) * dy.sum(dim=1, keepdim=True)
     if not need_dh:

@@ -105,4 +105,6 @@ def test_opcheck(backend, bias):
     b1, b2 = (r(5), r(3)) if bias else (None, None)
     t = torch.randint(0, 3, (7,), generator=g).to(DEVICE)
     torch.library.opcheck(torch.ops.pyfused.mlp.default, (x, w1, b1, w2, b2))
-    torch.library.opcheck(torch.ops.pyfused.mlp_nll.default, (x, w1, b1, w2, b2, t, -100))
+    t[2] = -100
+    for reduction in ("mean", "sum", "none"):
+        torch.library.opcheck(torch.ops.pyfused.mlp_nll.default, (x, w1, b1, w2, b2, t, -100, reduction))
