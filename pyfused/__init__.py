@@ -6,5 +6,6 @@ momentum-SGD optimizer. Triton is imported only when a kernel is first launched.
 from pyfused import library  # noqa: F401  (registers the torch.library ops used under torch.compile)
 from pyfused.functional import fused_mlp, fused_mlp_nll
 from pyfused.modules import FusedMLP
+from pyfused.optim import FusedSGD
 
-__all__ = ["fused_mlp", "fused_mlp_nll", "FusedMLP"]
+__all__ = ["fused_mlp", "fused_mlp_nll", "FusedMLP", "FusedSGD"]
