@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .gemm import gemm_tile
-from .launch import dot_block, dot_precision
+from .launch import dot_block, dot_precision, hidden_block
 from .mlp_forward import MAX_OUT
 
 
@@ -88,9 +88,9 @@ def mlp_backward_grads_kernel(
 
 
 def rows_config(n_rows: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> dict:
-    """Launch configuration of :func:`mlp_backward_rows_kernel`."""
+    """Launch configuration of :func:`mlp_backward_rows_kernel` (w2 tiles bounded by :func:`hidden_block`)."""
     block_out = dot_block(n_out, MAX_OUT)
-    return dict(BLOCK_M=16, BLOCK_H=dot_block(n_hidden, 64), BLOCK_OUT=block_out,
+    return dict(BLOCK_M=16, BLOCK_H=hidden_block(n_hidden, block_out), BLOCK_OUT=block_out,
                 num_warps=4 if block_out <= 256 else 8, num_stages=2)
 
 

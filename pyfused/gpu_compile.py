@@ -1,0 +1,381 @@
+"""Compile pyfused's Triton kernels for real NVIDIA GPUs on a machine without one, and measure them.
+
+Triton's interpreter accepts kernels that a GPU compiler rejects, or that overflow shared memory or spill
+registers; this module checks the real thing. A :class:`Case` names a launcher call (kernel variant, sizes,
+mode = dtype and matmul precision, bias) and a target architecture. :func:`capture` runs the real launcher
+on ``meta`` tensors (shapes, dtypes and strides, no memory) with its ``@triton.jit`` kernel swapped for a
+recorder, so the grid, arguments, flags, block sizes, warps and stages are the ones the launcher would use:
+its config function (``forward_config``, ``rows_config``, ``grads_config``, ``sgd_config``) is called by the
+launcher itself, there is no second copy to drift. Triton's own argument binder specialises the arguments for
+the target (pointer types, ints divisible by 16, ints equal to 1), ``triton.compile`` lowers the kernel to PTX
+and a cubin, and Triton's bundled ``ptxas -v``, run again on that PTX with Triton's flags, reports registers
+and spills. :func:`blocks_per_sm` turns registers, warps and shared memory into resident blocks per SM.
+
+``@triton.jit`` returns interpreter objects when ``TRITON_INTERPRET`` is set at import, so
+:func:`compile_cases` does the work in a fresh ``python -m pyfused.gpu_compile`` process without it,
+compiling in a process pool and caching each result as JSON in a folder (a temp dir by default) under a key
+made of the kernel's source hash, its specialised arguments, the target, Triton's version and this file.
+Importing this module imports neither triton nor the kernels.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """Per-SM limits of a compute capability (values below, with their sources)."""
+
+    name: str
+    capability: int
+    smem_per_sm: int  # bytes, largest shared-memory carveout
+    smem_per_block: int  # bytes, opt-in maximum per block (sharedMemPerBlockOptin)
+    max_blocks_per_sm: int
+    max_threads_per_sm: int = 2048
+    regs_per_sm: int = 65536  # 32-bit registers; also the per-block maximum
+    max_regs_per_thread: int = 255
+    smem_reserved_per_block: int = 1024  # reserved by the driver for every block (compute capability >= 8)
+    smem_granularity: int = 128  # bytes
+    reg_granularity: int = 256  # registers per warp
+    sub_partitions: int = 4
+
+
+# Shared memory per SM / per block, threads per SM, registers: CUDA C++ Programming Guide, "Technical
+# Specifications per Compute Capability" (8.0: 164 KB per SM, 163 KB per block; 9.0: 228 KB, 227 KB; 2048
+# threads and 64 K registers per SM, 255 per thread), and the Ampere / Hopper tuning guides (§ "Occupancy",
+# same numbers; 1 KB per block reserved for the system). Blocks per SM, allocation granularities and
+# sub-partitions: NVIDIA's occupancy calculator header ``cuda_occupancy.h`` (shipped with Triton in
+# ``triton/backends/nvidia/include``): cudaOccMaxBlocksPerMultiprocessor (32 for 8.0 and 9.x),
+# cudaOccSMemAllocationGranularity (128), cudaOccRegAllocationGranularity (256), 4 sub-partitions.
+ARCHS = {
+    "sm_80": Arch("sm_80", 80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, max_blocks_per_sm=32),
+    "sm_90": Arch("sm_90", 90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024, max_blocks_per_sm=32),
+}
+MODES = ("fp32", "tf32", "bf16", "fp16")  # fp32: IEEE float32 matmuls; tf32: float32 with TF32 tl.dot
+MLP_KERNELS = {  # variant: (module in pyfused.kernels, kernel attribute, what the variant is)
+    "forward_loss": ("mlp_forward", "mlp_forward_kernel", "forward + NLL, h kept (fused_mlp_nll training)"),
+    "forward": ("mlp_forward", "mlp_forward_kernel", "forward, h and y kept (fused_mlp training)"),
+    "forward_eval": ("mlp_forward", "mlp_forward_kernel", "forward, y only (inference)"),
+    "rows_loss": ("mlp_backward", "mlp_backward_rows_kernel", "dz, dh from the loss (mean reduction)"),
+    "rows": ("mlp_backward", "mlp_backward_rows_kernel", "dz, dh from dy through log_softmax"),
+    "grads": ("mlp_backward", "mlp_backward_grads_kernel", "dw1, db1, dw2, db2 (x without grad)"),
+    "grads_dx": ("mlp_backward", "mlp_backward_grads_kernel", "dx, dw1, db1, dw2, db2"),
+}
+SGD_KERNELS = {
+    "sgd": ("sgd", "sgd_kernel", "momentum SGD over the model's parameters (float lr)"),
+    "sgd_plain": ("sgd", "sgd_kernel", "SGD without momentum, tensor lr, weight decay"),
+}
+SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
+SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd")  # what one training step of the seed runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One launcher call to compile: kernel variant, sizes, mode (``MODES``), bias, target (``ARCHS``)."""
+
+    kernel: str
+    arch: str
+    mode: str
+    bias: bool = True
+    n_rows: int = SEED[0]
+    n_in: int = SEED[1]
+    n_hidden: int = SEED[2]
+    n_out: int = SEED[3]
+
+    @property
+    def shape(self) -> str:
+        return f"{self.n_rows}×{self.n_in}→{self.n_hidden}→{self.n_out}"
+
+    def __str__(self) -> str:
+        sizes = f"{self.n_rows}x{self.n_in}x{self.n_hidden}x{self.n_out}"
+        return f"{self.kernel}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}"
+
+
+def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS)) -> list[Case]:
+    """Every kernel at the seed shape, for every arch, mode and bias flag."""
+    return [Case(k, a, m, b) for k in kernels for a in archs for m in MODES for b in (True, False)]
+
+
+def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[Case]:
+    """Sizes swept one at a time around the seed (batch 1..65536, in 16..4096, hidden 16..1024, out 2..1024)
+    plus the two corners, for every kernel, arch and mode, with bias. The values are those where a config
+    function or Triton's specialisation changes (1, sizes not divisible by 16, the 4096-row threshold,
+    block caps), not a grid: the other sizes compile to one of these kernels."""
+    rows, n_in, hidden, out = SEED
+    shapes = ([(b, n_in, hidden, out) for b in (1, 100, 4097, 65536)]
+              + [(rows, i, hidden, out) for i in (16, 4096)]
+              + [(rows, n_in, h, out) for h in (16, 1024)]
+              + [(rows, n_in, hidden, o) for o in (2, 128, 256, 1024)]
+              + [(1, 16, 16, 2), (65536, 4096, 1024, 1024)])
+    return [Case(k, a, m, True, *s) for s in shapes for k in kernels for a in archs for m in modes]
+
+
+@dataclasses.dataclass
+class Launch:
+    """What a launcher passed to ``kernel[grid](*args, **kwargs)``."""
+
+    module: str
+    name: str
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+def _dtype(mode: str):
+    import torch
+
+    return {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def _call_launcher(case: Case, module) -> None:
+    """Call the launcher of ``case.kernel`` on meta tensors of the case's sizes."""
+    import torch
+
+    dtype = _dtype(case.mode)
+    n_rows, n_in, n_hidden, n_out = case.n_rows, case.n_in, case.n_hidden, case.n_out
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, device="meta", dtype=dt)
+
+    x, w1, w2 = t(n_rows, n_in), t(n_hidden, n_in), t(n_out, n_hidden)
+    b1, b2 = (t(n_hidden), t(n_out)) if case.bias else (None, None)
+    k = case.kernel
+    if k.startswith("forward"):
+        loss = k == "forward_loss"
+        module.mlp_forward(x, w1, b1, w2, b2, target=t(n_rows, dt=torch.int64) if loss else None,
+                           store_h=k != "forward_eval", store_y=not loss)
+    elif k.startswith("rows"):
+        h = t(n_rows, n_hidden)
+        if k == "rows_loss":
+            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=torch.float32))
+        else:
+            module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out))
+    elif k.startswith("grads"):
+        module.mlp_backward_grads(x, w1, t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden),
+                                  need_dx=k == "grads_dx", has_b1=case.bias, has_b2=case.bias)
+    else:
+        params = [p for p in (w1, b1, w2, b2) if p is not None]
+        momentum = k == "sgd"
+        table = module.make_sgd_table(params, [torch.empty_like(p) for p in params],
+                                      [torch.empty_like(p) if momentum else None for p in params],
+                                      [False] * len(params))
+        lr = 0.15 if momentum else t(1, dt=torch.float32)
+        module.fused_sgd(table, lr, momentum=0.9 if momentum else 0.0, dampening=0.0,
+                         weight_decay=0.0 if momentum else 1e-4, nesterov=False, maximize=False)
+
+
+def capture(case: Case) -> Launch:
+    """The launch that the launcher of ``case.kernel`` makes for the case's sizes and mode (no GPU needed).
+
+    The launchers pick ``PRECISION`` with :func:`pyfused.kernels.launch.dot_precision`, which says "ieee"
+    off CUDA; mode "tf32" is what it says on CUDA with ``torch.backends.cuda.matmul.allow_tf32``."""
+    module_name, kernel_name, _ = {**MLP_KERNELS, **SGD_KERNELS}[case.kernel]
+    module = importlib.import_module(f"pyfused.kernels.{module_name}")
+    kernel, recorder = getattr(module, kernel_name), _Recorder()
+    setattr(module, kernel_name, recorder)
+    try:
+        _call_launcher(case, module)
+    finally:
+        setattr(module, kernel_name, kernel)
+    if len(recorder.launches) != 1:
+        raise RuntimeError(f"{case}: expected one launch of {kernel_name}, got {len(recorder.launches)}")
+    grid, args, kwargs = recorder.launches[0]
+    if case.mode == "tf32" and "PRECISION" in kwargs:
+        kwargs = {**kwargs, "PRECISION": "tf32"}
+    return Launch(module.__name__, kernel_name, tuple(grid), args, kwargs)
+
+
+def _specialise(launch: Launch, arch: Arch) -> dict:
+    """Triton's binding of the launch for ``arch`` (what ``JITFunction.run`` does before compiling)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = getattr(importlib.import_module(launch.module), launch.name)
+    backend = make_backend(GPUTarget("cuda", arch.capability, 32))
+    kwargs = dict(launch.kwargs, debug=fn.debug or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return dict(module=launch.module, name=launch.name, cache_key=fn.cache_key, capability=arch.capability,
+                signature=signature, constexprs=constexprs, attrs=attrs, options=options.__dict__)
+
+
+def parse_ptxas(log: str) -> dict:
+    """Registers, spill stores/loads, stack frame and static shared memory (bytes) from ``ptxas -v``."""
+    def grab(pattern):
+        match = re.search(pattern, log)
+        if match is None:
+            raise ValueError(f"ptxas -v output has no match for {pattern!r}:\n{log}")
+        return int(match.group(1))
+
+    smem = re.search(r"(\d+) bytes smem", log)  # absent when the kernel has no static shared memory
+    return dict(regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
+                spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"),
+                static_smem=int(smem.group(1)) if smem else 0)
+
+
+def _ptxas(ptx: str, capability: int, options: dict) -> dict:
+    """``ptxas -v`` on ``ptx`` with the flags Triton compiles with (backends/nvidia/compiler.py make_cubin)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(capability).path, "-lineinfo", *([] if options["enable_fp_fusion"] else ["--fmad=false"]),
+               "-v", "--regAllocOptLevel=2", *(options["ptx_options"] or "").split(),
+               f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return dict(parse_ptxas(done.stderr + done.stdout), ptxas=get_ptxas(capability).version)
+
+
+def _compile(job: dict) -> dict:
+    """Compile one specialised launch and measure it: ptxas numbers, Triton's shared memory, warps, time."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    try:
+        fn = getattr(importlib.import_module(job["module"]), job["name"])
+        src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
+        kernel = triton.compile(src, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
+        stats = _ptxas(kernel.asm["ptx"], job["capability"], job["options"])
+    except Exception as error:  # noqa: BLE001  (a failed compile is a result to report, not a crash)
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        return dict(error=f"{type(error).__name__}: {' | '.join(lines[:6])[:600]}",
+                    compile_s=time.perf_counter() - start)
+    return dict(stats, error=None, shared=kernel.metadata.shared + stats["static_smem"],
+                num_warps=kernel.metadata.num_warps, compile_s=time.perf_counter() - start)
+
+
+def blocks_per_sm(arch: Arch, num_warps: int, regs: int, shared: int) -> tuple[int, str]:
+    """Resident blocks per SM and the limit that binds ("warps", "regs", "smem" or "blocks"), as NVIDIA's
+    occupancy calculator computes them (``cuda_occupancy.h``: cudaOccMaxBlocksPerSM{Warps,Regs,Smem}Limit),
+    with the largest shared-memory carveout. 0 when one block does not fit."""
+    def round_up(value, unit):
+        return -(-value // unit) * unit
+
+    regs_per_warp = round_up(max(regs, 1) * 32, arch.reg_granularity)
+    regs_fit = (regs <= arch.max_regs_per_thread
+                and regs_per_warp * round_up(num_warps, arch.sub_partitions) <= arch.regs_per_sm)
+    warps_by_regs = (arch.regs_per_sm // arch.sub_partitions // regs_per_warp) * arch.sub_partitions
+    smem = round_up(shared + arch.smem_reserved_per_block, arch.smem_granularity)
+    smem_fit = smem <= arch.smem_per_block + arch.smem_reserved_per_block
+    limits = {
+        "blocks": arch.max_blocks_per_sm,
+        "warps": arch.max_threads_per_sm // 32 // num_warps,
+        "regs": warps_by_regs // num_warps if regs_fit else 0,
+        "smem": arch.smem_per_sm // smem if smem_fit else 0,
+    }
+    binding = min(limits, key=limits.get)
+    return limits[binding], binding
+
+
+def _source_stamp() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _job_key(job: dict) -> str:
+    from importlib.metadata import version
+
+    material = repr((job["cache_key"], job["name"], job["capability"], sorted(job["signature"].items()),
+                     sorted(job["constexprs"].items()), sorted(job["attrs"].items()), sorted(job["options"].items()),
+                     version("triton"), _source_stamp()))
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def _serve(cases: list[Case], workers: int, cache: Path) -> list[dict]:
+    """In a process without the interpreter: capture, deduplicate, compile what the cache lacks, report."""
+    from importlib.metadata import version
+
+    results_dir = cache / f"results-triton-{version('triton')}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    jobs, keys, launches = {}, [], []
+    for case in cases:
+        launch = capture(case)
+        job = _specialise(launch, ARCHS[case.arch])
+        key = _job_key(job)
+        jobs.setdefault(key, job)
+        keys.append(key)
+        launches.append(launch)
+    measured = {}
+    for key in jobs:
+        path = results_dir / f"{key}.json"
+        if path.exists():
+            measured[key] = json.loads(path.read_text())
+    todo = [key for key in jobs if key not in measured]
+    print(f"{len(cases)} cases, {len(jobs)} distinct compiles, {len(todo)} not cached", file=sys.stderr)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=context) as pool:
+        for key, result in zip(todo, pool.map(_compile, [jobs[key] for key in todo])):
+            measured[key] = result
+            (results_dir / f"{key}.json").write_text(json.dumps(result))
+    rows = []
+    for case, key, launch in zip(cases, keys, launches):
+        result = dict(measured[key], case=dataclasses.asdict(case), grid=list(launch.grid),
+                      config={k: v for k, v in launch.kwargs.items() if isinstance(v, (bool, int, str))})
+        if result["error"] is None:
+            arch = ARCHS[case.arch]
+            result["blocks_per_sm"], result["limit"] = blocks_per_sm(arch, result["num_warps"], result["regs"],
+                                                                     result["shared"])
+            result["occupancy"] = result["blocks_per_sm"] * result["num_warps"] * 32 / arch.max_threads_per_sm
+        rows.append(result)
+    return rows
+
+
+def default_cache() -> Path:
+    """Where results are cached unless told otherwise (``PYFUSED_COMPILE_CACHE`` or the temp dir)."""
+    return Path(os.environ.get("PYFUSED_COMPILE_CACHE", Path(tempfile.gettempdir()) / "pyfused-gpu-compile"))
+
+
+def compile_cases(cases: list[Case], workers: int | None = None, cache: Path | None = None) -> dict[Case, dict]:
+    """Compile every case for its target in a fresh process without ``TRITON_INTERPRET``, ``workers``
+    compiles at a time (default: the CPU count). Returns, per case, a dict with ``error`` (None or the
+    compiler's message) and else ``regs``, ``spill_stores``, ``spill_loads``, ``stack``, ``shared`` (bytes),
+    ``num_warps``, ``blocks_per_sm``, ``limit``, ``occupancy`` (resident threads / maximum), plus ``config``
+    (the launch's flags, block sizes, warps, stages) and ``grid``."""
+    cache = Path(cache) if cache is not None else default_cache()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    request = json.dumps(dict(cases=[dataclasses.asdict(c) for c in cases], workers=workers or os.cpu_count() or 1,
+                              cache=str(cache)))
+    done = subprocess.run([sys.executable, "-m", "pyfused.gpu_compile"], input=request, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"python -m pyfused.gpu_compile failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return dict(zip(cases, json.loads(done.stdout)))
+
+
+def _main() -> None:
+    request = json.loads(sys.stdin.read())
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON answer only
+        rows = _serve([Case(**c) for c in request["cases"]], request["workers"], Path(request["cache"]))
+    sys.stdout.write(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    _main()

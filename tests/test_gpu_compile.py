@@ -1,0 +1,105 @@
+"""GPU readiness without a GPU: every kernel compiled for sm_80 and sm_90 by Triton's real compiler.
+
+Default run: every kernel of a training step at the seed shape (B=128, 784 → 128 → 10) × {sm_80, sm_90} ×
+{fp32 IEEE, TF32, bf16, fp16} × {bias, no bias}, plus a sample of the size sweep: each must compile, fit the
+architecture's shared memory per block and leave room for a block per SM; the seed shape must not spill.
+The whole sweep (every size of :func:`pyfused.gpu_compile.sweep_cases`) is ``slow``. Compiles run in a
+process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
+"""
+import pytest
+import torch
+import triton
+
+from pyfused import gpu_compile as gc
+
+SEED = gc.seed_cases()
+SAMPLE = [  # the extremes of the sweep: fp32 IEEE (FMA, no tensor cores) and bf16 (mma / wgmma)
+    gc.Case(kernel, arch, mode, True, *shape)
+    for kernel in ("forward_loss", "rows_loss", "grads")
+    for arch, mode, shape in (("sm_90", "fp32", (65536, 4096, 1024, 1024)), ("sm_80", "bf16", (1, 16, 16, 2)))
+]
+SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
+
+
+@pytest.fixture(scope="module")
+def default_results():
+    return gc.compile_cases(SEED + SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def sweep_results():
+    return gc.compile_cases(SWEEP)
+
+
+def _check_fits(case, result):
+    assert result["error"] is None, f"{case} does not compile: {result['error']}"
+    arch = gc.ARCHS[case.arch]
+    assert result["shared"] <= arch.smem_per_block, (
+        f"{case} ({result['config']}) needs {result['shared']} B of shared memory, {arch.name} has "
+        f"{arch.smem_per_block} per block")
+    assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
+
+
+@pytest.mark.parametrize("case", SEED + SAMPLE, ids=str)
+def test_compiles_and_fits(case, default_results):
+    _check_fits(case, default_results[case])
+
+
+@pytest.mark.parametrize("case", SEED, ids=str)
+def test_seed_shape_does_not_spill(case, default_results):
+    result = default_results[case]
+    assert result["error"] is None, result["error"]
+    assert (result["spill_stores"], result["spill_loads"]) == (0, 0), (
+        f"{case} ({result['config']}) spills {result['spill_stores']} B / loads {result['spill_loads']} B "
+        f"per thread with {result['regs']} registers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SWEEP, ids=str)
+def test_sweep_compiles_and_fits(case, sweep_results):
+    _check_fits(case, sweep_results[case])
+
+
+def test_capture_records_the_launchers_own_config():
+    """The check compiles what the launcher launches: its config function's choice, grid and flags."""
+    from pyfused.kernels.mlp_backward import grads_config
+    from pyfused.kernels.mlp_forward import forward_config
+
+    rows, n_in, hidden, out = 4097, 784, 256, 300
+    launch = gc.capture(gc.Case("forward_loss", "sm_90", "tf32", False, rows, n_in, hidden, out))
+    cfg = forward_config(rows, n_in, hidden, out, torch.float32)
+    assert {k: launch.kwargs[k] for k in cfg} == cfg
+    assert launch.grid == (triton.cdiv(rows, cfg["BLOCK_M"]),)
+    assert (launch.kwargs["HAS_B1"], launch.kwargs["LOSS"], launch.kwargs["STORE_Y"]) == (False, True, False)
+    assert launch.kwargs["PRECISION"] == "tf32"
+    launch = gc.capture(gc.Case("grads", "sm_80", "bf16", True, rows, n_in, hidden, out))
+    cfg = grads_config(rows, n_in, hidden, out, torch.bfloat16)
+    tiles = [triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) for m, n in ((hidden, n_in), (out, hidden))]
+    assert {k: launch.kwargs[k] for k in cfg} == cfg
+    assert launch.grid == (sum(tiles),)
+    assert launch.args[0].dtype == torch.bfloat16 and launch.kwargs["PRECISION"] == "ieee"
+
+
+@pytest.mark.parametrize("arch, warps, regs, shared, expected", [
+    ("sm_90", 4, 255, 0, (2, "regs")),  # 255·32 → 8192 per warp; 16384 per sub-partition: 2 warps each
+    ("sm_90", 8, 40, 0, (6, "regs")),  # 1280 per warp: 12 warps per sub-partition, 48 per SM
+    ("sm_90", 4, 32, 0, (16, "warps")),  # 64 warps per SM
+    ("sm_90", 1, 16, 0, (32, "blocks")),
+    ("sm_80", 4, 32, 100 * 1024, (1, "smem")),  # 102400 + 1024 reserved → 103424; 167936 per SM
+    ("sm_90", 4, 32, 48 * 1024, (4, "smem")),  # 50176 per block; 233472 per SM
+    ("sm_80", 4, 32, 164 * 1024, (0, "smem")),  # over the 163 KB per block
+    ("sm_90", 32, 72, 0, (0, "regs")),  # 2304 per warp × 32 warps > 65536
+])
+def test_blocks_per_sm(arch, warps, regs, shared, expected):
+    assert gc.blocks_per_sm(gc.ARCHS[arch], warps, regs, shared) == expected
+
+
+def test_parse_ptxas():
+    log = ("ptxas info    : 0 bytes gmem\n"
+           "ptxas info    : Compiling entry function 'mlp_forward_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for mlp_forward_kernel\n"
+           "    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 380 bytes cmem[0]\n")
+    assert gc.parse_ptxas(log) == dict(regs=255, spill_stores=12, spill_loads=8, stack=16, static_smem=0)
+    with pytest.raises(ValueError, match="registers"):
+        gc.parse_ptxas("ptxas info    : 0 bytes gmem\n")
