@@ -17,7 +17,7 @@ from pathlib import Path
 from pyfused import gpu_compile as gc
 
 OUT = Path(__file__).resolve().parent / "results" / "compile"
-ALL_KERNELS = (*gc.MLP_KERNELS, *gc.SGD_KERNELS)
+ALL_KERNELS = (*gc.MLP_KERNELS, *gc.SGD_KERNELS, *gc.STEP_KERNELS)
 SHORT = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_H": "H", "BLOCK_OUT": "OUT", "BLOCK": "BLOCK",
          "num_warps": "w", "num_stages": "s"}
 
@@ -79,7 +79,7 @@ def render(arch: gc.Arch, seed: dict, sweep: dict, command: str) -> str:
             for c, r in seed.items()]
     lines += _table(header, rows)
     lines += ["", "Kernel variants:", ""]
-    lines += [f"- `{name}`: {what}" for name, (_, _, what) in {**gc.MLP_KERNELS, **gc.SGD_KERNELS}.items()]
+    lines += [f"- `{name}`: {what}" for name, (_, _, what) in {**gc.MLP_KERNELS, **gc.SGD_KERNELS, **gc.STEP_KERNELS}.items()]
     lines += ["", "## Sweep (with bias; sizes B × in → hidden → out)", ""]
     header = ["shape", "kernel", "mode", "config", "grid", "regs", "spill", "shared", "blocks/SM", "occ.", "note"]
     rows = [[c.shape, c.kernel, c.mode, config_text(r["config"]), str(r["grid"][0]), *_cells(r)]

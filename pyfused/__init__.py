@@ -7,5 +7,6 @@ from pyfused import library  # noqa: F401  (registers the torch.library ops used
 from pyfused.functional import fused_mlp, fused_mlp_nll
 from pyfused.modules import FusedMLP
 from pyfused.optim import FusedSGD
+from pyfused.train_step import FusedTrainStep
 
-__all__ = ["fused_mlp", "fused_mlp_nll", "FusedMLP", "FusedSGD"]
+__all__ = ["fused_mlp", "fused_mlp_nll", "FusedMLP", "FusedSGD", "FusedTrainStep"]

@@ -78,8 +78,12 @@ SGD_KERNELS = {
     "sgd": ("sgd", "sgd_kernel", "momentum SGD over the model's parameters (float lr)"),
     "sgd_plain": ("sgd", "sgd_kernel", "SGD without momentum, tensor lr, weight decay"),
 }
+STEP_KERNELS = {
+    "step_rows": ("train_step", "step_rows_kernel", "FusedTrainStep launch 1: forward, NLL, dz, dh, row stats"),
+    "step_grads": ("train_step", "step_grads_kernel", "FusedTrainStep launch 2: dW tiles + momentum SGD, loss"),
+}
 SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
-SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd")  # what one training step of the seed runs
+SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads")  # a seed step's kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +178,15 @@ def _call_launcher(case: Case, module) -> None:
     elif k.startswith("grads"):
         module.mlp_backward_grads(x, w1, t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden),
                                   need_dx=k == "grads_dx", has_b1=case.bias, has_b2=case.bias)
+    elif k.startswith("step"):
+        h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
+        stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=torch.float32)
+        if k == "step_rows":
+            module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats)
+        else:
+            params = (w1, b1, w2, b2)
+            module.step_grads(x, h, dz, dh, stats, params, [None if p is None else torch.empty_like(p) for p in params],
+                              None, t(4, module.HP_WIDTH.value, dt=torch.float32), t(dt=dtype))
     else:
         params = [p for p in (w1, b1, w2, b2) if p is not None]
         momentum = k == "sgd"
@@ -190,7 +203,7 @@ def capture(case: Case) -> Launch:
 
     The launchers pick ``PRECISION`` with :func:`pyfused.kernels.launch.dot_precision`, which says "ieee"
     off CUDA; mode "tf32" is what it says on CUDA with ``torch.backends.cuda.matmul.allow_tf32``."""
-    module_name, kernel_name, _ = {**MLP_KERNELS, **SGD_KERNELS}[case.kernel]
+    module_name, kernel_name, _ = {**MLP_KERNELS, **SGD_KERNELS, **STEP_KERNELS}[case.kernel]
     module = importlib.import_module(f"pyfused.kernels.{module_name}")
     kernel, recorder = getattr(module, kernel_name), _Recorder()
     setattr(module, kernel_name, recorder)

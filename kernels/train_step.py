@@ -1,0 +1,300 @@
+"""The whole SGD training step of the fused MLP in two launches: forward, loss and row gradients; then the
+weight gradients, with the momentum-SGD update applied in their epilogue.
+
+Sizes: B rows, ``in`` → ``hidden`` → ``out``; s bytes per element (4 for fp32); P = hidden·in + out·hidden
+(+ hidden + out with biases) parameters; R = ⌈B / BLOCK_M⌉ row blocks.
+
+Launch 1, :func:`step_rows_kernel`, R programs of BLOCK_M rows. Per hidden slice of BLOCK_H (one slice at the
+seed shape): ``h = relu(x @ w1ᵀ + b1)`` accumulated over ``in`` in BLOCK_K steps, stored, and multiplied at
+once into the logits ``z += h @ w2ᵀ``, which never leave the chip. Then log_softmax, the nll of each row, the
+*unscaled* logit gradient ``dz = softmax − onehot`` (zero rows for ignored targets, NaN rows for targets out
+of range) and, per hidden slice, ``dh = (dz @ w2) ⊙ [h > 0]``. Each program writes the nll sum and the number
+of counted rows of its block to ``stats[r]``: the mean's divisor costs no launch. Reads B·in·s of x per hidden
+slice, w1 and w2 once per program (from L2 after the first), 8·B of targets, its own h again (L1/L2);
+writes h and dh (2·B·hidden·s), dz (B·out·s) and stats (8·R bytes).
+
+Launch 2, :func:`step_grads_kernel`, one grouped launch: programs over the BLOCK_A × BLOCK_N tiles of
+``dW1 = dhᵀ @ x`` (hidden × in; the tiles of the first column also make ``db1 = Σ_rows dh``), over the
+BLOCK_O × BLOCK_N tiles of ``dW2 = dzᵀ @ h`` (out × hidden, with ``db2``), and one program that turns
+``stats`` into the mean loss. Each tile is reduced over the B rows by one program in a fixed order (no
+atomics: bit-identical from run to run), and every program sums the R row counts itself, in a fixed order, for
+the mean's factor ``1 / max(count, 1)``: the gradient of a tile is final in its registers, and the SGD update
+of that tile (:func:`sgd_update`) is applied there and then. Reads x once per row of dW1 tiles (once when
+BLOCK_A ≥ hidden, as at the seed shape), dh, dz and h once per column of tiles (L2 after the first), 8·R bytes
+of stats per program; reads and writes the parameters (2·P·s) and momentum buffers (2·P·s), and writes the
+gradients only when they are kept (P·s). Nothing is recompiled per hyper-parameter value: they are read from a
+small device tensor (which a replayed CUDA graph also reads).
+
+At the seed shape (B = 128, 784 → 128 → 10, no bias, fp32, momentum) a step moves about 3.1 MB: x twice
+(0.8 MB), w1 once in launch 1 (0.4 MB), h, dh, dz written and read (0.3 MB), parameters and buffers read and
+written (1.6 MB).
+
+x is read twice, once per launch (the second time from L2 at the seed shape: 401 KB of x against 50 MB of L2 on
+an H100). Reading it once would mean keeping each row block of x on chip until its dh is known, and so
+per-row-block partial sums of dW1, reduced afterwards: 2·R·hidden·in·4 bytes written and read back instead of
+B·in·s, 2·hidden / BLOCK_M = 16 times more at the seed shape, for no fewer launches.
+
+Extra memory: 2·B·hidden·s (h, dh) + B·out·s (dz) + 8·R bytes (stats), plus P·s for kept gradients; the kernels
+allocate nothing. Gradients go to caller-given tensors (views of one flat buffer ``dw1 | db1 | dw2 | db2`` in
+:class:`pyfused.train_step.FusedTrainStep`), so that an all-reduce or gradient accumulation can later take that
+buffer between a gradient-only pass and an update-only pass of the same :func:`sgd_update`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import dot_block, dot_precision
+from .mlp_forward import MAX_OUT
+
+# one hyper-parameter row per parameter: lr, momentum, dampening, weight_decay, nesterov, sign, first, (unused)
+HP_WIDTH = tl.constexpr(8)
+
+
+@triton.jit
+def sgd_update(p_ptr, buf_ptr, grad_ptr, offs, mask, g, hp_ptr, HAS_BUF: tl.constexpr, KEEP_GRAD: tl.constexpr):
+    """torch.optim.SGD on the elements ``offs`` of one parameter, given their gradient ``g`` (fp32 or fp64).
+
+    With ``hp = hp_ptr[0:7] = (lr, momentum, dampening, weight_decay, nesterov, sign, first)``:
+    ``d = sign·g + weight_decay·p`` (sign = −1 maximises); with a momentum buffer ``buf = d`` on the first step
+    (``first`` ≠ 0) else ``buf = momentum·buf + (1 − dampening)·d``, then ``d = d + momentum·buf`` (nesterov) or
+    ``d = buf``; ``p = p − lr·d``. Writes ``g`` to ``grad_ptr`` (KEEP_GRAD), p and buf in their dtype."""
+    if KEEP_GRAD:
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    lr = tl.load(hp_ptr)
+    weight_decay = tl.load(hp_ptr + 3)
+    sign = tl.load(hp_ptr + 5)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(g.dtype)
+    d = g * sign + weight_decay * p
+    if HAS_BUF:
+        momentum = tl.load(hp_ptr + 1)
+        dampening = tl.load(hp_ptr + 2)
+        nesterov = tl.load(hp_ptr + 4)
+        first = tl.load(hp_ptr + 6)
+        buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(g.dtype)
+        buf = tl.where(first != 0, d, momentum * buf + (1.0 - dampening) * d)
+        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        d = tl.where(nesterov != 0, d + momentum * buf, buf)
+    tl.store(p_ptr + offs, (p - lr * d).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def step_rows_kernel(
+    x_ptr,  # (B, in)
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # w1 (hidden, in), b1 (hidden,), w2 (out, hidden), b2 (out,), contiguous
+    target_ptr,  # (B,) integer class indices
+    h_ptr, dz_ptr, dh_ptr,  # out: h (B, hidden), dz (B, out), dh (B, hidden), contiguous, x's dtype
+    stats_ptr,  # out: (R, 2) per row block: Σ nll of its rows, number of its counted rows (ACC dtype)
+    n_rows, n_in, n_hidden, n_out, ignore_index,
+    stride_x_row, stride_x_col, stride_target,
+    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Forward, nll, dz = softmax − onehot and dh = (dz @ w2) ⊙ [h > 0] for BLOCK_M rows (launch 1)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    cols = tl.arange(0, BLOCK_OUT)
+    col_mask = cols < n_out
+    dtype = x_ptr.dtype.element_ty
+    z = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
+    for h0 in range(0, n_hidden, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < n_hidden
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
+        for k0 in range(0, n_in, BLOCK_K):
+            ks = tl.arange(0, BLOCK_K).to(tl.int64) + k0
+            k_mask = ks < n_in
+            x = tl.load(x_ptr + rows[:, None] * stride_x_row + ks[None, :] * stride_x_col,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w1t = tl.load(w1_ptr + hs[None, :] * n_in + ks[:, None], mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            acc = tl.dot(x, w1t, acc, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            acc += tl.load(b1_ptr + hs, mask=h_mask, other=0.0).to(ACC)[None, :]
+        h = tl.maximum(acc, 0.0).to(dtype)
+        tl.store(h_ptr + rows[:, None] * n_hidden + hs[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
+        w2t = tl.load(w2_ptr + cols[None, :] * n_hidden + hs[:, None], mask=h_mask[:, None] & col_mask[None, :],
+                      other=0.0)
+        z = tl.dot(h, w2t, z, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_BIAS:
+        z += tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    shifted = z - tl.max(z, axis=1)[:, None]
+    e = tl.exp(shifted)
+    denom = tl.sum(e, axis=1)
+    t = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=ignore_index).to(tl.int64)
+    keep = t != ignore_index
+    in_range = (t >= 0) & (t < n_out)
+    onehot = cols[None, :] == t[:, None]
+    picked = tl.sum(tl.where(onehot, shifted, 0.0), axis=1) - tl.log(denom)
+    nll = tl.where(keep, tl.where(in_range, -picked, float("nan")), 0.0)
+    tl.store(stats_ptr + 2 * pid, tl.sum(nll, axis=0))
+    tl.store(stats_ptr + 2 * pid + 1, tl.sum(keep.to(ACC), axis=0))
+    dz = e / denom[:, None] - onehot.to(ACC)
+    dz = tl.where(keep[:, None], tl.where(in_range[:, None], dz, float("nan")), 0.0).to(dtype)
+    tl.store(dz_ptr + rows[:, None] * n_out + cols[None, :], dz, mask=row_mask[:, None] & col_mask[None, :])
+    tl.debug_barrier()  # h of this block was stored by other threads of the program
+    for h0 in range(0, n_hidden, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        h_mask = hs < n_hidden
+        hmask2 = row_mask[:, None] & h_mask[None, :]
+        w2 = tl.load(w2_ptr + cols[:, None] * n_hidden + hs[None, :], mask=col_mask[:, None] & h_mask[None, :],
+                     other=0.0)
+        dh = tl.dot(dz, w2, input_precision=PRECISION, out_dtype=ACC)
+        h = tl.load(h_ptr + rows[:, None] * n_hidden + hs[None, :], mask=hmask2, other=0.0)
+        tl.store(dh_ptr + rows[:, None] * n_hidden + hs[None, :], tl.where(h > 0, dh, 0.0).to(dtype), mask=hmask2)
+
+
+@triton.jit
+def _grad_tile_update(
+    a_ptr, stride_a_m, stride_a_k,  # A (M, K) = dhᵀ or dzᵀ, by strides
+    b_ptr, stride_b_k, stride_b_n,  # B (K, N) = x or h
+    M, N, K, tile, scale,
+    w_ptr, wbuf_ptr, wgrad_ptr, whp_ptr,  # the (M, N) contiguous weight, its momentum buffer, gradient, hp row
+    bias_ptr, bbuf_ptr, bgrad_ptr, bhp_ptr,  # the (M,) bias, its buffer, gradient, hp row (HAS_BIAS)
+    HAS_BIAS: tl.constexpr, WBUF: tl.constexpr, BBUF: tl.constexpr, KEEP_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Gradient tile ``scale · (A @ B)`` reduced over K in a fixed order, then SGD on that tile of the weight;
+    the tiles of the first column also make ``scale · Σ_k A[m, k]`` and update the bias."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = (tile // tiles_n).to(tl.int64)
+    pid_n = (tile % tiles_n).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
+        k_mask = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_a_m + rk[None, :] * stride_a_k,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_b_k + rn[None, :] * stride_b_n,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS:
+            row_sum += tl.sum(a.to(ACC), axis=1)
+    sgd_update(w_ptr, wbuf_ptr, wgrad_ptr, rm[:, None] * N + rn[None, :], m_mask[:, None] & n_mask[None, :],
+               acc * scale, whp_ptr, WBUF, KEEP_GRAD)
+    if HAS_BIAS:
+        if pid_n == 0:
+            sgd_update(bias_ptr, bbuf_ptr, bgrad_ptr, rm, m_mask, row_sum * scale, bhp_ptr, BBUF, KEEP_GRAD)
+
+
+@triton.jit
+def step_grads_kernel(
+    x_ptr, h_ptr, dz_ptr, dh_ptr, stats_ptr,  # x (B, in); h, dh (B, hidden), dz (B, out) contiguous; stats (R, 2)
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # parameters, contiguous, updated in place
+    bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,  # their momentum buffers, updated in place (those with *BUF*)
+    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,  # out: their gradients (KEEP_GRAD)
+    hp_ptr,  # (4, HP_WIDTH) hyper-parameter rows of w1, b1, w2, b2 (see sgd_update)
+    loss_ptr,  # out: 0-dim mean loss
+    n_rows, n_in, n_hidden, n_out, n_blocks,
+    stride_x_row, stride_x_col,
+    tiles_w1,  # program ids [0, tiles_w1) make dW1 tiles, the next ones dW2 tiles, the last one the loss
+    tiles_w2,
+    HAS_BIAS: tl.constexpr, BUF_W1: tl.constexpr, BUF_B1: tl.constexpr, BUF_W2: tl.constexpr, BUF_B2: tl.constexpr,
+    KEEP_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Launch 2: one tile of dW1 = dhᵀx (+ db1) or dW2 = dzᵀh (+ db2), scaled by 1/count, and its SGD update;
+    or the mean loss Σ nll / count."""
+    pid = tl.program_id(0)
+    nll_sum = tl.zeros((BLOCK_R,), dtype=ACC)
+    count = tl.zeros((BLOCK_R,), dtype=ACC)
+    for r0 in range(0, n_blocks, BLOCK_R):  # a fixed order, the same in every program
+        r = r0 + tl.arange(0, BLOCK_R)
+        nll_sum += tl.load(stats_ptr + 2 * r, mask=r < n_blocks, other=0.0)
+        count += tl.load(stats_ptr + 2 * r + 1, mask=r < n_blocks, other=0.0)
+    count = tl.sum(count, axis=0)
+    if pid < tiles_w1 + tiles_w2:
+        scale = 1.0 / tl.maximum(count, 1.0)
+        if pid < tiles_w1:
+            _grad_tile_update(dh_ptr, 1, n_hidden, x_ptr, stride_x_row, stride_x_col, n_hidden, n_in, n_rows, pid,
+                              scale, w1_ptr, bw1_ptr, gw1_ptr, hp_ptr, b1_ptr, bb1_ptr, gb1_ptr, hp_ptr + HP_WIDTH,
+                              HAS_BIAS, BUF_W1, BUF_B1, KEEP_GRAD, ACC, BLOCK_A, BLOCK_N, BLOCK_B, PRECISION)
+        else:
+            _grad_tile_update(dz_ptr, 1, n_out, h_ptr, n_hidden, 1, n_out, n_hidden, n_rows, pid - tiles_w1, scale,
+                              w2_ptr, bw2_ptr, gw2_ptr, hp_ptr + 2 * HP_WIDTH, b2_ptr, bb2_ptr, gb2_ptr,
+                              hp_ptr + 3 * HP_WIDTH,
+                              HAS_BIAS, BUF_W2, BUF_B2, KEEP_GRAD, ACC, BLOCK_O, BLOCK_N, BLOCK_B, PRECISION)
+    else:
+        tl.store(loss_ptr, (tl.sum(nll_sum, axis=0) / count).to(loss_ptr.dtype.element_ty))
+
+
+def step_rows_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> dict:
+    """Launch configuration of :func:`step_rows_kernel`: the hidden layer in slices of up to 128 (one at the
+    seed shape), a w2 tile (BLOCK_H × BLOCK_OUT) of at most 4096 elements, K steps of 16, 8 warps (16 for
+    out > 256). At the seed shape this compiles without spills (sm_90: 170 / 128 / 80 registers for fp32 IEEE /
+    TF32 / bf16; sm_80: 194 / 150 / 106); 4 warps spill in fp32 IEEE, K steps of 32 take 255 registers on sm_80
+    fp32 IEEE. For out > 256 the BLOCK_M × BLOCK_OUT logit block strains the registers: out = 1024 compiles and
+    fits (131 KB of shared memory), with small spills.
+    """
+    block_out = dot_block(n_out, MAX_OUT)
+    block_h = dot_block(n_hidden, max(16, min(128, 4096 // block_out)))
+    return dict(BLOCK_M=16, BLOCK_K=dot_block(n_in, 16), BLOCK_H=block_h, BLOCK_OUT=block_out,
+                num_warps=8 if block_out <= 256 else 16, num_stages=2)
+
+
+def step_grads_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> dict:
+    """Launch configuration of :func:`step_grads_kernel`: dW1 tiles as tall as the hidden layer (up to 128, so x
+    is read once), dW2 tiles as tall as ``out`` (up to 64), 16 columns, K steps of 32 rows, 8 warps: 49 + 8
+    tile programs at the seed shape (twice the programs of 32 columns, for an SM-starved launch), 40 to 64
+    registers without spills on sm_80 and sm_90."""
+    return dict(BLOCK_A=dot_block(n_hidden, 128), BLOCK_O=dot_block(n_out, 64), BLOCK_N=16, BLOCK_B=32,
+                BLOCK_R=64, num_warps=8, num_stages=2)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The kernels' accumulator type: fp64 for fp64 tensors, fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stats_rows(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> int:
+    """R, the number of rows of ``stats`` (row blocks of launch 1)."""
+    return triton.cdiv(n_rows, step_rows_config(n_rows, n_in, n_hidden, n_out, dtype)["BLOCK_M"])
+
+
+def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats):
+    """Launch 1 on validated 2-D ``x`` (B ≥ 1 rows) into the caller's buffers h, dz, dh (contiguous, x's dtype)
+    and ``stats`` (:func:`stats_rows` × 2, fp32, fp64 for fp64 x)."""
+    n_rows, n_in = x.shape
+    n_hidden, n_out = w1.shape[0], w2.shape[0]
+    if n_out > MAX_OUT:
+        raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {n_out}; use PYFUSED_BACKEND=torch")
+    cfg = step_rows_config(n_rows, n_in, n_hidden, n_out, x.dtype)
+    has_bias = b1 is not None
+    step_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+        x, w1, b1 if has_bias else w1, w2, b2 if has_bias else w2, target,  # unused pointers without bias
+        h, dz, dh, stats,
+        n_rows, n_in, n_hidden, n_out, ignore_index,
+        x.stride(0), x.stride(1), target.stride(0),
+        HAS_BIAS=has_bias, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device), **cfg,
+    )
+
+
+def step_grads(x, h, dz, dh, stats, params, bufs, grads, hp, loss):
+    """Launch 2: SGD on ``params = (w1, b1, w2, b2)`` (b1, b2 None without bias) in place, with momentum ``bufs``
+    (None where a parameter has none) and, unless ``grads`` is None, the gradients written to ``grads`` (four
+    tensors shaped like params). ``hp`` is (4, HP_WIDTH) in the accumulator dtype; ``loss`` the 0-dim output."""
+    n_rows, n_in = x.shape
+    n_hidden, n_out = h.shape[1], dz.shape[1]
+    cfg = step_grads_config(n_rows, n_in, n_hidden, n_out, x.dtype)
+    tiles_w1 = triton.cdiv(n_hidden, cfg["BLOCK_A"]) * triton.cdiv(n_in, cfg["BLOCK_N"])
+    tiles_w2 = triton.cdiv(n_out, cfg["BLOCK_O"]) * triton.cdiv(n_hidden, cfg["BLOCK_N"])
+    w1, b1, w2, b2 = params
+    has_bias = b1 is not None
+    fill = lambda ts, like: [like[i] if t is None else t for i, t in enumerate(ts)]  # noqa: E731  (unused pointers)
+    stand_in = [w1, w1, w2, w2]
+    step_grads_kernel[(tiles_w1 + tiles_w2 + 1,)](
+        x, h, dz, dh, stats,
+        *fill(params, stand_in), *fill(bufs, stand_in), *fill(grads or [None] * 4, stand_in), hp, loss,
+        n_rows, n_in, n_hidden, n_out, stats.shape[0],
+        x.stride(0), x.stride(1), tiles_w1, tiles_w2,
+        HAS_BIAS=has_bias, BUF_W1=bufs[0] is not None, BUF_B1=bufs[1] is not None,
+        BUF_W2=bufs[2] is not None, BUF_B2=bufs[3] is not None, KEEP_GRAD=grads is not None,
+        ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device), **cfg,
+    )
