@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm import tile_product
 from .launch import dot_block, dot_precision
 from .mlp_forward import MAX_OUT
 
@@ -157,25 +158,10 @@ def _grad_tile_update(
 ):
     """Gradient tile ``scale · (A @ B)`` reduced over K in a fixed order, then SGD on that tile of the weight;
     the tiles of the first column also make ``scale · Σ_k A[m, k]`` and update the bias."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = (tile // tiles_n).to(tl.int64)
-    pid_n = (tile % tiles_n).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc, row_sum, rm, rn, pid_n = tile_product(a_ptr, stride_a_m, stride_a_k, b_ptr, stride_b_k, stride_b_n,
+                                               M, N, K, tile, HAS_BIAS, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     m_mask = rm < M
     n_mask = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
-        k_mask = rk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_a_m + rk[None, :] * stride_a_k,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rk[:, None] * stride_b_k + rn[None, :] * stride_b_n,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BIAS:
-            row_sum += tl.sum(a.to(ACC), axis=1)
     sgd_update(w_ptr, wbuf_ptr, wgrad_ptr, rm[:, None] * N + rn[None, :], m_mask[:, None] & n_mask[None, :],
                acc * scale, whp_ptr, WBUF, KEEP_GRAD)
     if HAS_BIAS:

@@ -56,6 +56,15 @@ def groups(model, bias_group):
     return [dict(params=weights), dict(params=biases, weight_decay=0.0, lr=0.05)]
 
 
+def eager_step(ref, ref_opt, x, t):
+    """The loop FusedTrainStep replaces: nll_loss, backward, step, zero_grad(set_to_none=True); the loss."""
+    ref_loss = F.nll_loss(F.log_softmax(ref(x), dim=1), t)
+    ref_loss.backward()
+    ref_opt.step()
+    ref_opt.zero_grad(set_to_none=True)
+    return ref_loss.detach()
+
+
 def check_same(model, opt, ref, ref_opt):
     for (name, ours), theirs in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{name}: {m}")
@@ -89,14 +98,11 @@ def test_trajectory_matches_eager(backend, case):
     step = FusedTrainStep(model, opt)
     for x, t in batches(rows, n_in, out, 30, all_ignored_at=4):
         loss = step(x, t)
-        ref_loss = F.nll_loss(F.log_softmax(ref(x), dim=1), t)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
+        ref_loss = eager_step(ref, ref_opt, x, t)
         for s in scheds:
             s.step()
         assert loss.shape == () and loss.dtype == ref_loss.dtype
-        torch.testing.assert_close(loss, ref_loss.detach(), equal_nan=True, **TOL)
+        torch.testing.assert_close(loss, ref_loss, equal_nan=True, **TOL)
     check_same(model, opt, ref, ref_opt)
 
 
@@ -110,11 +116,8 @@ def test_seed_shape_torch_path(monkeypatch, momentum):
     step = FusedTrainStep(model, opt)
     for x, t in batches(128, 784, 10, 30):
         loss = step(x, t)
-        ref_loss = F.nll_loss(F.log_softmax(ref(x), dim=1), t)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
+        ref_loss = eager_step(ref, ref_opt, x, t)
+        torch.testing.assert_close(loss, ref_loss, **TOL)
     check_same(model, opt, ref, ref_opt)
 
 
@@ -146,11 +149,8 @@ def test_strided_and_empty_batches(backend):
     data.append((torch.empty(0, 9, device=DEVICE), torch.empty(0, dtype=torch.int64, device=DEVICE)))
     for x, t in data:
         loss = step(x, t)
-        ref_loss = F.nll_loss(F.log_softmax(ref(x), dim=1), t)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
-        torch.testing.assert_close(loss, ref_loss.detach(), equal_nan=True, **TOL)
+        ref_loss = eager_step(ref, ref_opt, x, t)
+        torch.testing.assert_close(loss, ref_loss, equal_nan=True, **TOL)
     assert not data[0][0].is_contiguous() and data[0][1].stride() == (2,)
     check_same(model, opt, ref, ref_opt)
 
@@ -166,9 +166,7 @@ def test_tensor_lr_and_torch_sgd(backend):
         lr.fill_(0.1 / (i + 1))
         ref_opt.param_groups[0]["lr"] = 0.1 / (i + 1)
         step(x, t)
-        F.nll_loss(F.log_softmax(ref(x), dim=1), t).backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
+        eager_step(ref, ref_opt, x, t)
     check_same(model, opt, ref, ref_opt)
 
 
@@ -198,9 +196,7 @@ def test_momentum_state_interchanges_with_torch_sgd(backend):
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict would alias the buffers
     for x, t in data[2:]:
         step(x, t)
-        F.nll_loss(F.log_softmax(ref(x), dim=1), t).backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
+        eager_step(ref, ref_opt, x, t)
     check_same(model, opt, ref, ref_opt)
 
 
@@ -303,11 +299,8 @@ def test_cuda_graph_capture_matches_eager():
         assert torch.equal(ours, theirs)  # capturing trains nothing
     for x, t in data:
         loss = step(x, t)
-        ref_loss = F.nll_loss(F.log_softmax(ref(x), dim=1), t)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
+        ref_loss = eager_step(ref, ref_opt, x, t)
         for s in scheds:
             s.step()
-        torch.testing.assert_close(loss, ref_loss.detach(), **TOL)
+        torch.testing.assert_close(loss, ref_loss, **TOL)
     check_same(model, opt, ref, ref_opt)
