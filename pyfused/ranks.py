@@ -48,9 +48,13 @@ class Ranks:
             dist.all_reduce(tensor)
         return tensor
 
-    def close(self) -> None:
-        """Destroy the process group, if this Ranks made one."""
+    def close(self, finished: bool = True) -> None:
+        """Destroy the process group, if this Ranks made one. When every rank ``finished`` (no error), they
+        first meet at a barrier: a gloo rank that tears its group down while a peer is still using it can
+        abort its process at exit ("terminate called without an active exception")."""
         if self.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -301,10 +301,13 @@ def _compare(runs: dict[str, list[EpochStats]]) -> dict:
 def run(args) -> int:
     """Set up the ranks (a process group under torchrun), train, write the outputs; the exit status."""
     ranks = ranks_.from_env(args.device)
+    finished = False
     try:
-        return _run(args, ranks)
+        status = _run(args, ranks)
+        finished = True
+        return status
     finally:
-        ranks.close()
+        ranks.close(finished)
 
 
 def _run(args, ranks) -> int:

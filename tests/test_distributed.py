@@ -183,7 +183,7 @@ def check_torchrun_against_one_process(nproc, device, tol, tmp_path, capsys):
          "127.0.0.1", "--master-port", str(free_port()), "-m", "pyfused.train", *common, "--batch-size", "16",
          "--json", str(dist_json), "--save", str(dist_pt)],
         capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(EPOCH_LINE.findall(proc.stdout)) == 1, proc.stdout
     assert proc.stdout.count("pyfused-train: synthetic") == 1
     process_group = "nccl" if device == "cuda" else "gloo"
