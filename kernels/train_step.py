@@ -36,8 +36,14 @@ B·in·s, 2·hidden / BLOCK_M = 16 times more at the seed shape, for no fewer la
 
 Extra memory: 2·B·hidden·s (h, dh) + B·out·s (dz) + 8·R bytes (stats), plus P·s for kept gradients; the kernels
 allocate nothing. Gradients go to caller-given tensors (views of one flat buffer ``dw1 | db1 | dw2 | db2`` in
-:class:`pyfused.train_step.FusedTrainStep`), so that an all-reduce or gradient accumulation can later take that
-buffer between a gradient-only pass and an update-only pass of the same :func:`sgd_update`.
+:class:`pyfused.train_step.FusedTrainStep`).
+
+Accumulation and all-reduce (:func:`step_accumulate`, :func:`step_update`): launch 2 without the update writes
+(or adds) each tile's gradient, divided by k·count, into that flat buffer (P·4 bytes written, and read when
+adding) — with ``count`` from a (2,) ``totals`` tensor when the ranks all-reduced it —; after the last batch of a
+group (and the caller's all-reduce of the buffer), :func:`step_update_kernel` applies the same
+:func:`sgd_update` elementwise: reads the gradient, parameters and buffers, writes parameters and buffers
+(P·(4 + 4·s) bytes), 1024 elements per program.
 """
 import torch
 import triton
@@ -76,6 +82,14 @@ def sgd_update(p_ptr, buf_ptr, grad_ptr, offs, mask, g, hp_ptr, HAS_BUF: tl.cons
         tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
         d = tl.where(nesterov != 0, d + momentum * buf, buf)
     tl.store(p_ptr + offs, (p - lr * d).to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def accumulate(ptr, offs, mask, g, add):
+    """``ptr[offs] = g`` (``add`` = 0, the first batch of a group) or ``ptr[offs] += g``."""
+    if add != 0:
+        g += tl.load(ptr + offs, mask=mask, other=0.0).to(g.dtype)
+    tl.store(ptr + offs, g.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -150,23 +164,31 @@ def step_rows_kernel(
 def _grad_tile_update(
     a_ptr, stride_a_m, stride_a_k,  # A (M, K) = dhᵀ or dzᵀ, by strides
     b_ptr, stride_b_k, stride_b_n,  # B (K, N) = x or h
-    M, N, K, tile, scale,
+    M, N, K, tile, scale, add,
     w_ptr, wbuf_ptr, wgrad_ptr, whp_ptr,  # the (M, N) contiguous weight, its momentum buffer, gradient, hp row
     bias_ptr, bbuf_ptr, bgrad_ptr, bhp_ptr,  # the (M,) bias, its buffer, gradient, hp row (HAS_BIAS)
-    HAS_BIAS: tl.constexpr, WBUF: tl.constexpr, BBUF: tl.constexpr, KEEP_GRAD: tl.constexpr, ACC: tl.constexpr,
+    UPDATE: tl.constexpr, HAS_BIAS: tl.constexpr, WBUF: tl.constexpr, BBUF: tl.constexpr,
+    KEEP_GRAD: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Gradient tile ``scale · (A @ B)`` reduced over K in a fixed order, then SGD on that tile of the weight;
-    the tiles of the first column also make ``scale · Σ_k A[m, k]`` and update the bias."""
+    """Gradient tile ``scale · (A @ B)`` reduced over K in a fixed order, then SGD on that tile of the weight
+    (UPDATE) or the tile stored / added (``add``) into the gradient; the tiles of the first column also make
+    ``scale · Σ_k A[m, k]`` for the bias."""
     acc, row_sum, rm, rn, pid_n = tile_product(a_ptr, stride_a_m, stride_a_k, b_ptr, stride_b_k, stride_b_n,
                                                M, N, K, tile, HAS_BIAS, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     m_mask = rm < M
     n_mask = rn < N
-    sgd_update(w_ptr, wbuf_ptr, wgrad_ptr, rm[:, None] * N + rn[None, :], m_mask[:, None] & n_mask[None, :],
-               acc * scale, whp_ptr, WBUF, KEEP_GRAD)
+    offs, mask = rm[:, None] * N + rn[None, :], m_mask[:, None] & n_mask[None, :]
+    if UPDATE:
+        sgd_update(w_ptr, wbuf_ptr, wgrad_ptr, offs, mask, acc * scale, whp_ptr, WBUF, KEEP_GRAD)
+    else:
+        accumulate(wgrad_ptr, offs, mask, acc * scale, add)
     if HAS_BIAS:
         if pid_n == 0:
-            sgd_update(bias_ptr, bbuf_ptr, bgrad_ptr, rm, m_mask, row_sum * scale, bhp_ptr, BBUF, KEEP_GRAD)
+            if UPDATE:
+                sgd_update(bias_ptr, bbuf_ptr, bgrad_ptr, rm, m_mask, row_sum * scale, bhp_ptr, BBUF, KEEP_GRAD)
+            else:
+                accumulate(bgrad_ptr, rm, m_mask, row_sum * scale, add)
 
 
 @triton.jit
@@ -174,41 +196,92 @@ def step_grads_kernel(
     x_ptr, h_ptr, dz_ptr, dh_ptr, stats_ptr,  # x (B, in); h, dh (B, hidden), dz (B, out) contiguous; stats (R, 2)
     w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # parameters, contiguous, updated in place
     bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,  # their momentum buffers, updated in place (those with *BUF*)
-    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,  # out: their gradients (KEEP_GRAD)
+    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,  # out: their gradients (KEEP_GRAD, or not UPDATE)
     hp_ptr,  # (4, HP_WIDTH) hyper-parameter rows of w1, b1, w2, b2 (see sgd_update)
+    totals_ptr,  # (2,) Σ nll and count over every rank (GLOBAL), instead of the local stats
     loss_ptr,  # out: 0-dim mean loss
+    k, add,  # the gradients are divided by k too (1 with UPDATE); without UPDATE, whether to add to them
     n_rows, n_in, n_hidden, n_out, n_blocks,
     stride_x_row, stride_x_col,
     tiles_w1,  # program ids [0, tiles_w1) make dW1 tiles, the next ones dW2 tiles, the last one the loss
     tiles_w2,
+    UPDATE: tl.constexpr, GLOBAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, BUF_W1: tl.constexpr, BUF_B1: tl.constexpr, BUF_W2: tl.constexpr, BUF_B2: tl.constexpr,
     KEEP_GRAD: tl.constexpr, ACC: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Launch 2: one tile of dW1 = dhᵀx (+ db1) or dW2 = dzᵀh (+ db2), scaled by 1/count, and its SGD update;
-    or the mean loss Σ nll / count."""
+    """Launch 2: one tile of dW1 = dhᵀx (+ db1) or dW2 = dzᵀh (+ db2), divided by ``k · count``, and its SGD
+    update (UPDATE) or its accumulation into the gradients; or the mean loss Σ nll / count."""
     pid = tl.program_id(0)
-    nll_sum = tl.zeros((BLOCK_R,), dtype=ACC)
-    count = tl.zeros((BLOCK_R,), dtype=ACC)
-    for r0 in range(0, n_blocks, BLOCK_R):  # a fixed order, the same in every program
-        r = r0 + tl.arange(0, BLOCK_R)
-        nll_sum += tl.load(stats_ptr + 2 * r, mask=r < n_blocks, other=0.0)
-        count += tl.load(stats_ptr + 2 * r + 1, mask=r < n_blocks, other=0.0)
-    count = tl.sum(count, axis=0)
+    if GLOBAL:
+        nll_total = tl.load(totals_ptr).to(ACC)
+        count = tl.load(totals_ptr + 1).to(ACC)
+    else:
+        nll_sum = tl.zeros((BLOCK_R,), dtype=ACC)
+        counts = tl.zeros((BLOCK_R,), dtype=ACC)
+        for r0 in range(0, n_blocks, BLOCK_R):  # a fixed order, the same in every program
+            r = r0 + tl.arange(0, BLOCK_R)
+            nll_sum += tl.load(stats_ptr + 2 * r, mask=r < n_blocks, other=0.0)
+            counts += tl.load(stats_ptr + 2 * r + 1, mask=r < n_blocks, other=0.0)
+        nll_total = tl.sum(nll_sum, axis=0)
+        count = tl.sum(counts, axis=0)
     if pid < tiles_w1 + tiles_w2:
-        scale = 1.0 / tl.maximum(count, 1.0)
+        scale = 1.0 / (tl.maximum(count, 1.0) * k)
         if pid < tiles_w1:
             _grad_tile_update(dh_ptr, 1, n_hidden, x_ptr, stride_x_row, stride_x_col, n_hidden, n_in, n_rows, pid,
-                              scale, w1_ptr, bw1_ptr, gw1_ptr, hp_ptr, b1_ptr, bb1_ptr, gb1_ptr, hp_ptr + HP_WIDTH,
-                              HAS_BIAS, BUF_W1, BUF_B1, KEEP_GRAD, ACC, BLOCK_A, BLOCK_N, BLOCK_B, PRECISION)
+                              scale, add, w1_ptr, bw1_ptr, gw1_ptr, hp_ptr, b1_ptr, bb1_ptr, gb1_ptr,
+                              hp_ptr + HP_WIDTH, UPDATE, HAS_BIAS, BUF_W1, BUF_B1, KEEP_GRAD, ACC,
+                              BLOCK_A, BLOCK_N, BLOCK_B, PRECISION)
         else:
             _grad_tile_update(dz_ptr, 1, n_out, h_ptr, n_hidden, 1, n_out, n_hidden, n_rows, pid - tiles_w1, scale,
-                              w2_ptr, bw2_ptr, gw2_ptr, hp_ptr + 2 * HP_WIDTH, b2_ptr, bb2_ptr, gb2_ptr,
-                              hp_ptr + 3 * HP_WIDTH,
-                              HAS_BIAS, BUF_W2, BUF_B2, KEEP_GRAD, ACC, BLOCK_O, BLOCK_N, BLOCK_B, PRECISION)
+                              add, w2_ptr, bw2_ptr, gw2_ptr, hp_ptr + 2 * HP_WIDTH, b2_ptr, bb2_ptr, gb2_ptr,
+                              hp_ptr + 3 * HP_WIDTH, UPDATE, HAS_BIAS, BUF_W2, BUF_B2, KEEP_GRAD, ACC,
+                              BLOCK_O, BLOCK_N, BLOCK_B, PRECISION)
     else:
-        tl.store(loss_ptr, (tl.sum(nll_sum, axis=0) / count).to(loss_ptr.dtype.element_ty))
+        tl.store(loss_ptr, (nll_total / count).to(loss_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _update_block(p_ptr, buf_ptr, src_ptr, grad_ptr, hp_ptr, n, block, num, den,
+                  HAS_BUF: tl.constexpr, KEEP_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """SGD on elements [block·BLOCK, (block + 1)·BLOCK) of one parameter, from its gradient ``src · num / den``."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(src_ptr + offs, mask=mask, other=0.0)
+    if num != den:
+        g = (g * num / den).to(g.dtype)
+    sgd_update(p_ptr, buf_ptr, grad_ptr, offs, mask, g, hp_ptr, HAS_BUF, KEEP_GRAD)
+
+
+@triton.jit
+def step_update_kernel(
+    w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # parameters, contiguous, updated in place
+    bw1_ptr, bb1_ptr, bw2_ptr, bb2_ptr,  # their momentum buffers (those with *BUF*)
+    sw1_ptr, sb1_ptr, sw2_ptr, sb2_ptr,  # their accumulated gradients (ACC dtype)
+    gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr,  # out: the gradients applied, source · num / den (KEEP_GRAD)
+    hp_ptr, num, den,
+    n_w1, n_b1, n_w2, n_b2,  # element counts (n_b1 = n_b2 = 0 without bias)
+    BUF_W1: tl.constexpr, BUF_B1: tl.constexpr, BUF_W2: tl.constexpr, BUF_B2: tl.constexpr,
+    KEEP_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The update-only pass after accumulation or an all-reduce: SGD (:func:`sgd_update`) of w1, b1, w2, b2 from
+    their accumulated gradients times ``num / den``, BLOCK elements per program, parameters one after another."""
+    pid = tl.program_id(0)
+    c_w1 = tl.cdiv(n_w1, BLOCK)
+    c_b1 = c_w1 + tl.cdiv(n_b1, BLOCK)
+    c_w2 = c_b1 + tl.cdiv(n_w2, BLOCK)
+    if pid < c_w1:
+        _update_block(w1_ptr, bw1_ptr, sw1_ptr, gw1_ptr, hp_ptr, n_w1, pid, num, den, BUF_W1, KEEP_GRAD, BLOCK)
+    elif pid < c_b1:
+        _update_block(b1_ptr, bb1_ptr, sb1_ptr, gb1_ptr, hp_ptr + HP_WIDTH, n_b1, pid - c_w1, num, den, BUF_B1,
+                      KEEP_GRAD, BLOCK)
+    elif pid < c_w2:
+        _update_block(w2_ptr, bw2_ptr, sw2_ptr, gw2_ptr, hp_ptr + 2 * HP_WIDTH, n_w2, pid - c_b1, num, den, BUF_W2,
+                      KEEP_GRAD, BLOCK)
+    else:
+        _update_block(b2_ptr, bb2_ptr, sb2_ptr, gb2_ptr, hp_ptr + 3 * HP_WIDTH, n_b2, pid - c_w2, num, den, BUF_B2,
+                      KEEP_GRAD, BLOCK)
 
 
 def step_rows_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> dict:
@@ -262,25 +335,59 @@ def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats):
     )
 
 
-def step_grads(x, h, dz, dh, stats, params, bufs, grads, hp, loss):
-    """Launch 2: SGD on ``params = (w1, b1, w2, b2)`` (b1, b2 None without bias) in place, with momentum ``bufs``
-    (None where a parameter has none) and, unless ``grads`` is None, the gradients written to ``grads`` (four
-    tensors shaped like params). ``hp`` is (4, HP_WIDTH) in the accumulator dtype; ``loss`` the 0-dim output."""
+def _fill(tensors, stand_in):
+    """Pointers for a launch: ``stand_in[i]`` where ``tensors[i]`` is None (the kernel never touches those)."""
+    return [stand_in[i] if t is None else t for i, t in enumerate(tensors or [None] * len(stand_in))]
+
+
+def _launch_grads(x, h, dz, dh, stats, params, bufs, grads, hp, totals, loss, k, add, update):
     n_rows, n_in = x.shape
     n_hidden, n_out = h.shape[1], dz.shape[1]
     cfg = step_grads_config(n_rows, n_in, n_hidden, n_out, x.dtype)
     tiles_w1 = triton.cdiv(n_hidden, cfg["BLOCK_A"]) * triton.cdiv(n_in, cfg["BLOCK_N"])
     tiles_w2 = triton.cdiv(n_out, cfg["BLOCK_O"]) * triton.cdiv(n_hidden, cfg["BLOCK_N"])
     w1, b1, w2, b2 = params
-    has_bias = b1 is not None
-    fill = lambda ts, like: [like[i] if t is None else t for i, t in enumerate(ts)]  # noqa: E731  (unused pointers)
     stand_in = [w1, w1, w2, w2]
     step_grads_kernel[(tiles_w1 + tiles_w2 + 1,)](
         x, h, dz, dh, stats,
-        *fill(params, stand_in), *fill(bufs, stand_in), *fill(grads or [None] * 4, stand_in), hp, loss,
+        *_fill(params, stand_in), *_fill(bufs, stand_in), *_fill(grads, stand_in), hp,
+        stats if totals is None else totals, loss, k, add,
         n_rows, n_in, n_hidden, n_out, stats.shape[0],
         x.stride(0), x.stride(1), tiles_w1, tiles_w2,
-        HAS_BIAS=has_bias, BUF_W1=bufs[0] is not None, BUF_B1=bufs[1] is not None,
-        BUF_W2=bufs[2] is not None, BUF_B2=bufs[3] is not None, KEEP_GRAD=grads is not None,
+        UPDATE=update, GLOBAL=totals is not None, HAS_BIAS=b1 is not None,
+        BUF_W1=bufs[0] is not None, BUF_B1=bufs[1] is not None, BUF_W2=bufs[2] is not None,
+        BUF_B2=bufs[3] is not None, KEEP_GRAD=update and grads is not None,
         ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device), **cfg,
+    )
+
+
+def step_grads(x, h, dz, dh, stats, params, bufs, grads, hp, loss):
+    """Launch 2: SGD on ``params = (w1, b1, w2, b2)`` (b1, b2 None without bias) in place, with momentum ``bufs``
+    (None where a parameter has none) and, unless ``grads`` is None, the gradients written to ``grads`` (four
+    tensors shaped like params). ``hp`` is (4, HP_WIDTH) in the accumulator dtype; ``loss`` the 0-dim output."""
+    _launch_grads(x, h, dz, dh, stats, params, bufs, grads, hp, None, loss, 1, 0, True)
+
+
+def step_accumulate(x, h, dz, dh, stats, params, sums, totals, k, add, loss):
+    """Launch 2 without the update: ``sums = (dw1, db1, dw2, db2)`` (accumulator dtype; None for absent
+    biases) receive — or, with ``add``, have added — this batch's gradient of the mean loss divided by ``k``.
+    The mean is over ``totals = (Σ nll, count)`` (a (2,) tensor, e.g. all-reduced over ranks) when given, else
+    over the local ``stats``; ``loss`` receives Σ nll / count."""
+    _launch_grads(x, h, dz, dh, stats, params, [None] * 4, sums, stats, totals, loss, k, int(add), False)  # hp unread
+
+
+def step_update(params, bufs, sums, grads, hp, num=1, den=1):
+    """The update-only pass: SGD on ``params`` from ``sums · num / den`` (the accumulated gradients), with
+    momentum ``bufs`` and hyper-parameters ``hp`` as in :func:`step_grads`; ``grads`` (or None) receive the
+    gradients applied."""
+    w1, b1, w2, b2 = params
+    block = 1024
+    sizes = [0 if p is None else p.numel() for p in params]
+    stand_in = [w1, w1, w2, w2]
+    step_update_kernel[(sum(triton.cdiv(n, block) for n in sizes),)](
+        *_fill(params, stand_in), *_fill(bufs, stand_in), *_fill(sums, [sums[0], sums[0], sums[2], sums[2]]),
+        *_fill(grads, stand_in),
+        hp, num, den, *sizes,
+        BUF_W1=bufs[0] is not None, BUF_B1=bufs[1] is not None, BUF_W2=bufs[2] is not None,
+        BUF_B2=bufs[3] is not None, KEEP_GRAD=grads is not None, BLOCK=block, num_warps=4,
     )

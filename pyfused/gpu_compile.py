@@ -81,9 +81,14 @@ SGD_KERNELS = {
 STEP_KERNELS = {
     "step_rows": ("train_step", "step_rows_kernel", "FusedTrainStep launch 1: forward, NLL, dz, dh, row stats"),
     "step_grads": ("train_step", "step_grads_kernel", "FusedTrainStep launch 2: dW tiles + momentum SGD, loss"),
+    "step_accumulate": ("train_step", "step_grads_kernel",
+                        "FusedTrainStep launch 2, accumulating (process group / accumulation_steps)"),
+    "step_update": ("train_step", "step_update_kernel", "FusedTrainStep update-only pass after accumulation"),
 }
 SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
-SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads")  # a seed step's kernels
+# the kernels of a seed step: module path, FusedTrainStep, and FusedTrainStep accumulating / data-parallel
+SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads", "step_accumulate",
+                "step_update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,12 +186,18 @@ def _call_launcher(case: Case, module) -> None:
     elif k.startswith("step"):
         h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
         stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=torch.float32)
+        params = (w1, b1, w2, b2)
+        like = lambda dt: [None if p is None else torch.empty_like(p, dtype=dt) for p in params]  # noqa: E731
+        hp = t(4, module.HP_WIDTH.value, dt=torch.float32)
         if k == "step_rows":
             module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats)
+        elif k == "step_grads":
+            module.step_grads(x, h, dz, dh, stats, params, like(dtype), None, hp, t(dt=dtype))
+        elif k == "step_accumulate":  # with a process group's all-reduced totals
+            module.step_accumulate(x, h, dz, dh, stats, params, like(torch.float32), t(2, dt=torch.float32), 3,
+                                   True, t(dt=dtype))
         else:
-            params = (w1, b1, w2, b2)
-            module.step_grads(x, h, dz, dh, stats, params, [None if p is None else torch.empty_like(p) for p in params],
-                              None, t(4, module.HP_WIDTH.value, dt=torch.float32), t(dt=dtype))
+            module.step_update(params, like(dtype), like(torch.float32), None, hp, 3, 2)
     else:
         params = [p for p in (w1, b1, w2, b2) if p is not None]
         momentum = k == "sgd"

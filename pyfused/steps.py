@@ -1,5 +1,5 @@
-"""The steps of :func:`pyfused.train.train`: one interface over FusedTrainStep, the eager loop, DDP and the
-plain-PyTorch reference, so that the training loop is written once.
+"""The steps of :func:`pyfused.train.train`: one interface over FusedTrainStep and the plain-PyTorch eager
+loop (the reference), so that the training loop is written once.
 
 A step is ``step(x, y, denom, update, total)``: it adds the gradient of ``Σ nll(x, y) / denom`` (the summed
 NLL loss of the rows; the loop picks ``denom``) to the parameters' gradients, applies the optimizer when
@@ -9,12 +9,11 @@ NLL loss of the rows; the loop picks ``denom``) to the parameters' gradients, ap
 from __future__ import annotations
 
 import collections
-import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from pyfused.modules import FusedMLP
 from pyfused.optim import FusedSGD
@@ -27,27 +26,27 @@ def seeded_linears(args) -> list[nn.Linear]:
     return [nn.Linear(784, args.hidden, bias=args.bias), nn.Linear(args.hidden, 10, bias=args.bias)]
 
 
-class WholeBatchStep:
-    """A FusedTrainStep behind the step interface, for runs where every batch is one whole update (one process,
-    no accumulation): then ``denom`` is always the batch's row count, the train step's own mean."""
+class TrainStepAdapter:
+    """A FusedTrainStep behind the step interface. The train step scales each batch itself (its mean loss over
+    every rank's rows, divided by ``accumulation_steps``), which is the loop's ``denom`` when every global batch
+    counts all its rows; an ``update`` at the end of a trailing partial group is its ``flush()``."""
 
     def __init__(self, train_step: FusedTrainStep) -> None:
         self.train_step = train_step
-        self.capture = train_step.capture
 
     def __call__(self, x, y, denom, update, total) -> None:
-        total.add_(self.train_step(x, y), alpha=len(y))
+        total.add_(self.train_step(x, y), alpha=len(y))  # the mean over all ranks' rows, times this rank's rows
+        if update:
+            self.train_step.flush()
 
 
-def module_step(net, optimizer, no_sync=None):
+def module_step(net, optimizer):
     """The eager step: ``(F.nll_loss(net(x), y, reduction="sum") / denom).backward()``, then on ``update``
-    ``optimizer.step()`` and ``zero_grad``. ``no_sync`` is DDP's context manager, entered for the batches that
-    do not update, so that the ranks all-reduce the accumulated gradients once per update."""
+    ``optimizer.step()`` and ``zero_grad``."""
 
     def step(x, y, denom, update, total) -> None:
-        with contextlib.nullcontext() if update or no_sync is None else no_sync():
-            loss = F.nll_loss(net(x), y, reduction="sum")
-            (loss / denom).backward()
+        loss = F.nll_loss(net(x), y, reduction="sum")
+        (loss / denom).backward()
         if update:
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
@@ -56,17 +55,11 @@ def module_step(net, optimizer, no_sync=None):
 
 
 def fused_step(model, args, ranks=None):
-    """FusedSGD over ``model`` (a FusedMLP) behind the step interface: FusedTrainStep when every batch is a whole
-    update in one process, else :func:`module_step` over ``DistributedDataParallel(model)`` (with a process
-    group in ``ranks``) or over ``model`` itself (``--accumulate`` > 1)."""
+    """FusedTrainStep of ``model`` (a FusedMLP) with FusedSGD behind the step interface: with the WORLD process
+    group when ``ranks`` has one, and ``--accumulate`` accumulation steps."""
     optimizer = FusedSGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    if ranks is not None and ranks.distributed:
-        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids)
-        return module_step(net, optimizer, net.no_sync)
-    if args.accumulate > 1:
-        return module_step(model, optimizer)
-    return WholeBatchStep(FusedTrainStep(model, optimizer))
+    group = dist.group.WORLD if ranks is not None and ranks.distributed else None
+    return TrainStepAdapter(FusedTrainStep(model, optimizer, group, args.accumulate))
 
 
 def build_fused(args, ranks):

@@ -2,25 +2,24 @@
 
 The model is ``log_softmax(fc2(relu(fc1(x))))`` with 784 → 128 → 10 and no bias, trained with the mean NLL
 loss and SGD (lr 0.15, momentum 0), batch 128, 10 epochs, from ``torch.manual_seed(420)``: the defaults. In
-one process without accumulation, each step is one :class:`~pyfused.train_step.FusedTrainStep` call (forward,
-loss, backward and FusedSGD update; on CUDA with the Triton kernels, the full-batch step is captured in a CUDA
-graph). The whole data set lives on the training device as one tensor; each epoch draws an on-device
+every configuration each batch is one :class:`~pyfused.train_step.FusedTrainStep` call (forward, loss, backward
+and, at the end of each accumulation group, the FusedSGD update; in one process without accumulation, on CUDA
+with the Triton kernels, the full-batch step is captured in a CUDA graph). The whole data set lives on the training device as one tensor; each epoch draws an on-device
 permutation from a generator seeded with ``--seed`` and takes batches as slices of it, so no DataLoader runs
 and the host reads the device only once per epoch (and, for the progress bar, at most twice a second).
 
 ``--reference`` trains the same model from the same seed and the same batches with plain PyTorch
 (``nn.Sequential`` + ``F.nll_loss`` + ``torch.optim.SGD``), then prints both runs and the speed ratio.
 
-``--accumulate K`` and ``torchrun`` (data-parallel over ranks, :mod:`pyfused.ranks`) run the eager loop
-(loss, ``backward``, FusedSGD) over the FusedMLP — wrapped in ``DistributedDataParallel`` under torchrun —
-instead of FusedTrainStep; :func:`train` is the one loop for all of them, the step a pluggable callable
-(:mod:`pyfused.steps`). Step ``i`` of an epoch takes the global batch ``perm[i·B·W : (i+1)·B·W]`` (``B`` =
-``--batch-size`` per rank, ``W`` ranks), rank r its contiguous share (:meth:`pyfused.ranks.Ranks.shard`; empty
-when the epoch's last global batch has fewer than W rows); K consecutive global batches form one update. Each
-batch's summed loss is divided by ``denom = rows · g / W`` (``rows`` in the global batch, ``g`` batches in its
-group: K, or the r < K left at the end of an epoch), so that after DDP's mean over the ranks the update uses
-the mean over its ``g`` batches of each global batch's mean-loss gradient: with W ranks, the same update as
-one process with batch ``B·W``.
+``--accumulate K`` gives the train step K accumulation steps, and under ``torchrun`` (data-parallel over ranks,
+:mod:`pyfused.ranks`) it all-reduces over the WORLD process group. :func:`train` is the one loop for the fused
+run and the eager reference, the step a pluggable callable (:mod:`pyfused.steps`). Step ``i`` of an epoch takes
+the global batch ``perm[i·B·W : (i+1)·B·W]`` (``B`` = ``--batch-size`` per rank, ``W`` ranks), rank r its
+contiguous share (:meth:`pyfused.ranks.Ranks.shard`; empty when the epoch's last global batch has fewer than W
+rows); K consecutive global batches form one update, which uses the mean over its ``g`` batches (K, or the r < K
+left at the end of an epoch, applied by ``flush()``) of each global batch's mean-loss gradient: with W ranks,
+the same update as one process with batch ``B·W``. The eager loop gets the same update by dividing each batch's
+summed loss by ``denom = rows · g`` (``rows`` in the global batch).
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from pyfused import backend, data, ranks as ranks_
-from pyfused.steps import WholeBatchStep, build_fused, build_reference, fused_step, reference_step
+from pyfused.steps import build_fused, build_reference, fused_step, reference_step
 
 EVAL_CHUNK = 8192
 BAR_INTERVAL_S = 0.5
@@ -73,8 +72,8 @@ at the end of an epoch, r < K of them, are one more step with the mean over thos
 
 Data-parallel training: torchrun --nproc-per-node N -m pyfused.train ... (gloo on cpu, nccl on cuda, rank r on
 cuda:LOCAL_RANK). --batch-size is per rank: every rank draws the same permutation (same --seed) and takes its
-contiguous share of each global batch of N x batch-size rows, DistributedDataParallel averages the gradients,
-so the run makes the updates of one process with batch N x batch-size. Metrics are summed over the ranks;
+contiguous share of each global batch of N x batch-size rows; the fused step all-reduces each batch's loss
+count and each update's gradients, so the run makes the updates of one process with batch N x batch-size. Metrics are summed over the ranks;
 only rank 0 prints and writes --plot, --json and --save. --reference runs in one process only.
 """
 
@@ -216,7 +215,7 @@ def train(model, step, dataset, args, show_bar: bool, ranks=None) -> list[EpochS
             rows = min(batch, n - i * batch)
             index = perm[i * batch:(i + 1) * batch][ranks.shard(rows)]
             group = min(k, steps - (i - i % k))
-            step(x_all[index], y_all[index], rows * group / ranks.world, i % k == group - 1, loss_sum)
+            step(x_all[index], y_all[index], rows * group, i % k == group - 1, loss_sum)
             seen += len(index)
             if bar is not None:
                 bar.update()
@@ -327,9 +326,9 @@ def _run(args, ranks) -> int:
 
     model, step = build_fused(args, ranks)
     warm_up(model, functools.partial(fused_step, ranks=ranks), dataset, args)
-    if kernels and device.type == "cuda" and isinstance(step, WholeBatchStep):
+    if kernels and device.type == "cuda" and not step.train_step.accumulating:
         rows = min(args.batch_size, len(dataset.train_y))
-        step.capture(dataset.train_x[:rows], dataset.train_y[:rows])
+        step.train_step.capture(dataset.train_x[:rows], dataset.train_y[:rows])
     runs = {"pyfused": train(model, step, dataset, args, show_bar, ranks)}
     if not ranks.main:
         return 0

@@ -21,6 +21,19 @@ live in a small device tensor, rewritten (one host→device copy) only when a va
 shapes copy the batch into the graph's inputs and replay it (one graph launch, plus one copy of the loss
 so that earlier losses stay valid).
 
+Accumulation and data parallelism: ``FusedTrainStep(model, optimizer, process_group, accumulation_steps=k)``
+applies the update at every k-th call, with the mean over the last k batches of each batch's mean-loss
+gradient (the course's loop: ``(loss / k).backward()`` per batch, ``step()`` every k); ``flush()`` applies a
+trailing group of r < k batches with their mean (``loss / r``). With a process group (e.g. ``dist.group.WORLD``;
+every rank calls the step, and flush, in the same order) each batch's mean is over every rank's counted rows:
+the ranks all-reduce (Σ nll, count) per call — two numbers —, accumulate their share of the gradient locally,
+and all-reduce the flat gradient ``dw1 | db1 | dw2 | db2`` once per update, between the gradient and update
+kernels. So W ranks make the updates of one process on the concatenated batches, also with uneven shards or
+ignored targets (where DDP's average of the ranks' means would differ), and the returned loss is the global
+mean. Triton path: launch 1, then launch 2 writing the scaled gradient tiles into the flat buffer (fp32 for
+16-bit parameters) instead of updating; the update is one more launch, ``step_update_kernel``, after the
+all-reduce. No host sync beyond what the collectives need; ``capture()`` is not available in this mode.
+
 Torch path (CPU; ``PYFUSED_BACKEND=torch``): the ATen ops eager autograd would run, without autograd and
 without dx; for weights with neither weight decay nor nesterov and no kept gradient, the gradient GEMM writes
 straight into the momentum buffer (``buf = momentum·buf + (1 − dampening)·g``) or, without momentum, into the
@@ -30,13 +43,14 @@ SGD sequence.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from pyfused import backend, checks
 from pyfused.modules import FusedMLP
 from pyfused.optim import FusedSGD, _foreach_sgd
 
 _aten = torch.ops.aten
-_MEAN = 1  # ATen's reduction code for "mean"
+_MEAN, _SUM = 1, 2  # ATen's reduction codes
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -45,14 +59,18 @@ class FusedTrainStep:
     """One fused SGD training step of ``model`` (a FusedMLP) by ``optimizer`` (a FusedSGD, or torch.optim.SGD,
     over the model's parameters; other parameters in it are left alone, as eager leaves those without grad).
 
-    ``keep_grad``: leave the step's gradients in ``.grad`` (else None). ``ignore_index``: the target value whose
-    rows the loss skips. The parameters are bound at construction: make a new step after replacing them.
+    ``process_group``: a torch.distributed group whose ranks train together (None: this process alone).
+    ``accumulation_steps``: batches per update (see the module docstring; :meth:`flush` for a trailing group).
+    ``keep_grad``: leave the step's gradients in ``.grad`` (else None); while accumulating, ``.grad`` holds the
+    running sum between calls (for 16-bit parameters on the Triton path, only after each update).
+    ``ignore_index``: the target value whose rows the loss skips. The parameters are bound at construction: make a new step after replacing them.
     The optimizer's step hooks do not run (its ``step`` is not called); LR schedulers see a stepped optimizer.
     Refused: a model that is not a FusedMLP, another optimizer class, model parameters missing from the
     optimizer or frozen, parameters of mixed dtype or device or not contiguous, ``differentiable=True``.
     """
 
-    def __init__(self, model, optimizer, *, keep_grad: bool = False, ignore_index: int = -100) -> None:
+    def __init__(self, model, optimizer, process_group=None, accumulation_steps: int = 1, *,
+                 keep_grad: bool = False, ignore_index: int = -100) -> None:
         if not isinstance(model, FusedMLP):
             raise TypeError(f"model must be a pyfused.FusedMLP, got {type(model).__name__}")
         if not isinstance(optimizer, (FusedSGD, torch.optim.SGD)):
@@ -60,7 +78,21 @@ class FusedTrainStep:
                             f"got {type(optimizer).__name__}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
+            raise TypeError(f"accumulation_steps must be an int, got {type(accumulation_steps).__name__}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+        if process_group is not None:
+            if not dist.is_available() or not dist.is_initialized():
+                raise RuntimeError("process_group given but torch.distributed is not initialised "
+                                   "(call dist.init_process_group first)")
+            if not isinstance(process_group, dist.ProcessGroup):
+                raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
+                                f"or None, got {type(process_group).__name__}")
         self.model, self.optimizer = model, optimizer
+        self.process_group, self.accumulation_steps = process_group, accumulation_steps
+        self.accumulating = process_group is not None or accumulation_steps > 1
+        self._calls = 0  # batches accumulated since the last update
         self.keep_grad, self.ignore_index = bool(keep_grad), ignore_index
         self.params = [model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias]
         self.bias = self.params[1] is not None
@@ -83,14 +115,11 @@ class FusedTrainStep:
                 raise ValueError("FusedTrainStep does not support differentiable=True optimizers")
         self.groups = [None if p is None else owner[id(p)] for p in self.params]
         self.dtype, self.device = ref.dtype, ref.device
-        self.grads = self.flat_grad = None  # with keep_grad: views (w1, b1, w2, b2) of one flat buffer
-        if self.keep_grad:
-            flat = torch.empty(sum(p.numel() for p in present), dtype=self.dtype, device=self.device)
-            self.grads, offset = [], 0
-            for p in self.params:
-                self.grads.append(None if p is None else flat[offset:offset + p.numel()].view_as(p))
-                offset += 0 if p is None else p.numel()
-            self.flat_grad = flat
+        # gradients as views (w1, b1, w2, b2) of one flat buffer, kept (keep_grad) or accumulated into
+        self.flat_grad, self._views = self._flat(self.dtype) if self.keep_grad or self.accumulating else (None, None)
+        self.grads = self._views if self.keep_grad else None
+        self._sums = None  # Triton path, accumulating: (flat, views) in the accumulator dtype
+        self._totals = None  # Triton path, with a process group: (2,) Σ nll, count over the ranks
         self._hp = None  # Triton path: (4, HP_WIDTH) device hyper-parameters, and their host copy
         self._hp_host = None
         self._pending = [False] * 4  # momentum buffers created but not yet stepped (first-step rule)
@@ -104,6 +133,14 @@ class FusedTrainStep:
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One training step on ``x`` (B, in) and ``target`` (B,); returns the mean loss (0-dim, no sync)."""
         self._check(x, target)
+        if self.accumulating:
+            loss = self._accumulate(x, target)
+            self._calls += 1
+            if self._calls == self.accumulation_steps:
+                self._apply()
+            else:
+                self._set_grads()
+            return loss
         graph = self._graph
         if graph is not None and x.shape == graph["x"].shape:
             loss = self._replay(graph, x, target)
@@ -115,12 +152,39 @@ class FusedTrainStep:
             loss = self._launch(x, target, bufs, self._kernel_ws(x.shape[0]))
         else:
             loss = self._torch_step(x, target)
+        self._stepped()
+        return loss
+
+    def flush(self) -> bool:
+        """Apply the update of a trailing partial group: after r < accumulation_steps calls, SGD with the mean
+        gradient of those r batches (the eager loop that divides the last group's losses by r). Returns whether
+        an update was applied (False when no batch is pending). With a process group, a collective: call it on
+        every rank."""
+        if self._calls == 0:
+            return False
+        self._apply()
+        return True
+
+    def _stepped(self) -> None:
+        """Book-keeping after an update: first-step flags cleared, the optimizer marked stepped, ``.grad`` set."""
         self._pending = [False] * 4
         self.optimizer._opt_called = True  # what an LR scheduler's wrapper of optimizer.step records
+        self._set_grads()
+
+    def _set_grads(self) -> None:
         for p, g in zip(self.params, self.grads or (None, None, None, None)):
             if p is not None and (g is not None or p.grad is not None):
                 p.grad = g
-        return loss
+
+    def _flat(self, dtype):
+        """(flat, views): one buffer ``dw1 | db1 | dw2 | db2`` of ``dtype`` and its views shaped like the
+        parameters (None for absent biases)."""
+        flat = torch.empty(sum(p.numel() for p in self.params if p is not None), dtype=dtype, device=self.device)
+        views, offset = [], 0
+        for p in self.params:
+            views.append(None if p is None else flat[offset:offset + p.numel()].view_as(p))
+            offset += 0 if p is None else p.numel()
+        return flat, views
 
     def _check(self, x, target) -> None:
         """Validate a batch: the common valid case in a few comparisons, errors by the detailed checks."""
@@ -158,6 +222,65 @@ class FusedTrainStep:
                                    f"{buf.device}")
             bufs[i] = buf
         return bufs
+
+    # ------------------------------------------------------------------ accumulation, process groups
+    def _accumulate(self, x, target) -> torch.Tensor:
+        """Add this batch's gradient of its mean loss, divided by accumulation_steps, to the gradient sums
+        (overwrite them on a group's first batch); returns the mean loss. With a process group the mean is over
+        every rank's counted rows: (Σ nll, count) is all-reduced before the gradients are scaled."""
+        first = self._calls == 0
+        if not backend.use_triton(x.device, x.dtype):
+            return self._torch_accumulate(x, target, first)
+        from pyfused.kernels.train_step import step_accumulate, step_rows
+
+        if x.device.type == "cpu":
+            checks.check_target_range(target, self.params[2].shape[0], self.ignore_index)
+        h, dz, dh, stats = self._kernel_ws(x.shape[0])
+        loss = torch.empty((), dtype=self.dtype, device=self.device)
+        totals = None
+        with torch.no_grad():
+            if x.shape[0] > 0:
+                step_rows(x, *self.params, target, self.ignore_index, h, dz, dh, stats)
+            if self.process_group is not None:
+                if self._totals is None:
+                    self._totals = stats.new_empty(2)
+                totals = torch.sum(stats, 0, out=self._totals)
+                dist.all_reduce(totals, group=self.process_group)
+            step_accumulate(x, h, dz, dh, stats, self.params, self._kernel_sums()[1], totals,
+                            self.accumulation_steps, not first, loss)
+        return loss
+
+    def _kernel_sums(self):
+        """The Triton path's gradient sums (flat, views): the gradient views themselves when the parameters are
+        fp32 or fp64, else an fp32 buffer (written to the views, if kept, at each update)."""
+        if self.dtype in (torch.float32, torch.float64):
+            return self.flat_grad, self._views
+        if self._sums is None:
+            self._sums = self._flat(torch.float32)
+        return self._sums
+
+    def _apply(self) -> None:
+        """The update of the r batches accumulated: all-reduce (sum) of the gradient sums over the process
+        group, then SGD from ``sums · accumulation_steps / r``."""
+        k, r = self.accumulation_steps, self._calls
+        kernels = backend.use_triton(self.device, self.dtype)
+        flat, sums = self._kernel_sums() if kernels else (self.flat_grad, self._views)
+        if self.process_group is not None:
+            dist.all_reduce(flat, group=self.process_group)
+        if kernels:
+            from pyfused.kernels.train_step import step_update
+
+            bufs = self._buffers()
+            self._refresh_hp()
+            with torch.no_grad():
+                step_update(self.params, bufs, sums, self.grads, self._hp, k, r)
+        else:
+            if r != k:
+                flat.mul_(k / r)
+            aliases = self._aliases()
+            self._foreach_update([(i, aliases[i], sums[i]) for i in range(4) if self.params[i] is not None])
+        self._calls = 0
+        self._stepped()
 
     # ------------------------------------------------------------------ Triton path
     def _refresh_hp(self) -> None:
@@ -234,6 +357,9 @@ class FusedTrainStep:
         the graph's output, so earlier losses are not overwritten by later replays.
         """
         self._check(x_example, target_example)
+        if self.accumulating:
+            raise RuntimeError("capture() records the single-process step without accumulation; this step has "
+                               "a process group or accumulation_steps > 1")
         if x_example.device.type != "cuda" or not backend.use_triton(x_example.device, x_example.dtype):
             raise RuntimeError("capture() needs CUDA tensors on the Triton path")
         if x_example.shape[0] == 0:
@@ -282,9 +408,10 @@ class FusedTrainStep:
             aliases = self._detached = (w1, b1, w2, b2, w1.t(), w2.t())
         return aliases
 
-    def _torch_step(self, x, target):
-        """The ATen ops of the eager step (no autograd, no dx), then SGD; returns the loss."""
-        w1, b1, w2, b2, w1t, w2t = self._aliases()
+    def _torch_forward(self, x, target):
+        """h = relu(x @ w1ᵀ + b1), z = h @ w2ᵀ + b2 and y = log_softmax(z) with ATen ops into the workspace;
+        returns (aliases, x and target as the ops take them, h, y, dh, dhᵀ)."""
+        w1, b1, w2, b2, w1t, w2t = aliases = self._aliases()
         rows = x.shape[0]
         if self._torch_ws is None or self._torch_ws[0].shape[0] != rows:
             new = lambda *s: torch.empty(s, dtype=self.dtype, device=self.device)  # noqa: E731
@@ -295,20 +422,49 @@ class FusedTrainStep:
         target = target if target.dtype == torch.int64 else target.long()
         (torch.addmm(b1, x, w1t, out=h) if self.bias else torch.mm(x, w1t, out=h)).relu_()
         torch.addmm(b2, h, w2t, out=z) if self.bias else torch.mm(h, w2t, out=z)
-        y = torch._log_softmax(z, 1, False)
-        loss, total = _aten.nll_loss_forward(y, target, None, _MEAN, self.ignore_index)
-        dy = _aten.nll_loss_backward(self._one, y, target, None, _MEAN, self.ignore_index, total)
+        return aliases, x, target, h, torch._log_softmax(z, 1, False), dh, dh_t
+
+    def _torch_rows(self, y, dy, w2, h, dh):
+        """dz = softmax − onehot times the nll gradient ``dy`` (per reduction), and dh = (dz @ w2) ⊙ [h > 0]."""
         dz = torch._log_softmax_backward_data(dy, y, 1, y.dtype)
         _aten.threshold_backward.grad_input(torch.mm(dz, w2, out=dh), h, 0, grad_input=dh)
+        return dz
+
+    def _torch_step(self, x, target):
+        """The ATen ops of the eager step (no autograd, no dx), then SGD; returns the loss."""
+        (w1, b1, w2, b2, _, _), x, target, h, y, dh, dh_t = self._torch_forward(x, target)
+        loss, total = _aten.nll_loss_forward(y, target, None, _MEAN, self.ignore_index)
+        dy = _aten.nll_loss_backward(self._one, y, target, None, _MEAN, self.ignore_index, total)
+        dz = self._torch_rows(y, dy, w2, h, dh)
         self._torch_update((w1, b1, w2, b2), ((dh_t, x), dh, (dz.t(), h), dz))
         return loss
+
+    def _torch_accumulate(self, x, target, first):
+        """:meth:`_accumulate` with ATen ops: the summed nll, its (all-reduced) count, dz scaled by
+        1 / (k·count), the gradients added (or written, ``first``) into the flat gradient's views."""
+        (_, _, w2, _, _, _), x, target, h, y, dh, dh_t = self._torch_forward(x, target)
+        nll, count = _aten.nll_loss_forward(y, target, None, _SUM, self.ignore_index)
+        totals = torch.stack((nll, count))
+        if self.process_group is not None:
+            dist.all_reduce(totals, group=self.process_group)
+        scale = totals[1].clamp(min=1).mul(self.accumulation_steps).reciprocal()
+        dy = _aten.nll_loss_backward(scale, y, target, None, _SUM, self.ignore_index, count)
+        dz = self._torch_rows(y, dy, w2, h, dh)
+        g_w1, g_b1, g_w2, g_b2 = self._views
+        beta = 0 if first else 1
+        g_w1.addmm_(dh_t, x, beta=beta)
+        g_w2.addmm_(dz.t(), h, beta=beta)
+        if self.bias:
+            for g, rows in ((g_b1, dh), (g_b2, dz)):
+                torch.sum(rows, 0, out=g) if first else g.add_(rows.sum(0))
+        return totals[0] / totals[1]
 
     def _torch_update(self, params, sources) -> None:
         """SGD of ``params`` from their gradient ``sources``: GEMM operands (A, B) of a weight's gradient A @ B,
         or the rows whose sum is a bias's gradient. A weight without weight decay, nesterov or kept gradient
         takes its gradient GEMM straight into its momentum buffer (or itself); the rest take torch's foreach
         SGD, group by group."""
-        exact = {}  # id(group) -> (group, params, grads, buffers, indices)
+        exact = []  # (index, parameter, gradient) for torch's foreach SGD
         state = self.optimizer.state
         for i in (0, 2, 1, 3) if self.bias else (0, 2):
             p, group, src = params[i], self.groups[i], sources[i]
@@ -331,11 +487,20 @@ class FusedTrainStep:
                 p.add_(buf, alpha=-lr)
                 continue
             out = self.grads[i] if self.keep_grad else None
-            g = torch.mm(*src, out=out) if i in (0, 2) else torch.sum(src, 0, out=out)
-            entry = exact.setdefault(id(group), (group, [], [], [], []))
+            exact.append((i, p, torch.mm(*src, out=out) if i in (0, 2) else torch.sum(src, 0, out=out)))
+        self._foreach_update(exact)
+
+    def _foreach_update(self, entries) -> None:
+        """torch's foreach SGD of ``(index, parameter alias, gradient)`` entries, param group by param group."""
+        by_group = {}  # id(group) -> (group, params, grads, buffers, indices)
+        state = self.optimizer.state
+        for i, p, g in entries:
+            group = self.groups[i]
+            buf = state[self.params[i]].get("momentum_buffer") if group["momentum"] != 0 else None
+            entry = by_group.setdefault(id(group), (group, [], [], [], []))
             for lst, item in zip(entry[1:], (p, g, buf, i)):
                 lst.append(item)
-        for group, ps, grads, bufs, index in exact.values():
+        for group, ps, grads, bufs, index in by_group.values():
             lr = group["lr"]
             lr = float(lr) if isinstance(lr, torch.Tensor) and lr.device.type == "cpu" else lr
             _foreach_sgd(ps, grads, bufs, lr=lr, momentum=group["momentum"], dampening=group["dampening"],

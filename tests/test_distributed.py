@@ -3,9 +3,9 @@
 Two ranks run on the CPU with gloo, as spawned processes that meet on a free loopback port (127.0.0.1 only),
 each with one intra-op thread; every result is compared with one process training on the whole batch.
 Tolerances (float32): the distributed and single-process runs differ only in how the batch's gradient sum is
-split and ordered (two half sums averaged vs one mean), and the CLI's accumulation divides a summed loss
-where the eager loop divides a mean, so parameters agree to rounding: ``rtol=1e-5, atol=1e-6`` after every
-run here (the largest absolute difference measured on CPU was 3e-8).
+split and ordered (two partial sums all-reduced, or averaged by DDP, vs one sum), so parameters agree to
+rounding: ``rtol=1e-5, atol=1e-6`` after every run here (the largest absolute difference measured on CPU was
+3e-8).
 """
 import json
 import os
@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pyfused import FusedMLP, FusedSGD, data, train
 from pyfused.backend import interpreting
+from pyfused.train_step import FusedTrainStep
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 EPOCH_LINE = re.compile(r"^epoch \d+/\d+  train_loss ", re.MULTILINE)
@@ -60,15 +61,21 @@ def fresh_model(device):
     return FusedMLP(*SHAPE, device=device)
 
 
-def ddp_worker(rank, world, port, backend_name, device_type, pyfused_backends, out_dir):
-    """Plain user code: DDP(FusedMLP) + FusedSGD on this rank's contiguous share of each global batch, once per
-    pyfused backend (one process group for all: spawning the ranks is what costs)."""
+def init_rank(rank, world, port, backend_name, device_type):
+    """Join the process group of ``world`` spawned ranks; this rank's device."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device(device_type)
     if device_type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_name, rank=rank, world_size=world)
+    return device
+
+
+def ddp_worker(rank, world, port, backend_name, device_type, pyfused_backends, out_dir):
+    """Plain user code: DDP(FusedMLP) + FusedSGD on this rank's contiguous share of each global batch, once per
+    pyfused backend (one process group for all: spawning the ranks is what costs)."""
+    device = init_rank(rank, world, port, backend_name, device_type)
     try:
         for pyfused_backend in pyfused_backends:
             os.environ["PYFUSED_BACKEND"] = pyfused_backend
@@ -83,6 +90,7 @@ def ddp_worker(rank, world, port, backend_name, device_type, pyfused_backends, o
                 optimizer.zero_grad()
             torch.save({k: v.cpu() for k, v in model.state_dict().items()},
                        os.path.join(out_dir, f"{pyfused_backend}-rank{rank}.pt"))
+        dist.barrier()  # a gloo rank that tears down while its peer still runs may abort at exit
     finally:
         dist.destroy_process_group()
 
@@ -122,6 +130,77 @@ def test_ddp_fused_mlp_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_p
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl needs a CUDA device")
 def test_ddp_fused_mlp_single_nccl_rank_equals_one_process(tmp_path, monkeypatch):
     check_ddp_against_one_process(1, "nccl", "cuda", ("triton",), tmp_path, monkeypatch)
+
+
+# ---------------------------------------------------------------- FusedTrainStep with a process group
+STEP_ROWS, STEP_BATCHES = 9, 4  # odd global batches: shares of 4 and 5 rows; 4 batches: k = 3 leaves a group of 1
+
+
+def step_batches(device):
+    """STEP_BATCHES global batches with every 4th target ignored, so the ranks count different numbers of rows."""
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(STEP_BATCHES):
+        x = torch.randn(STEP_ROWS, SHAPE[0], generator=gen)
+        t = torch.randint(0, SHAPE[2], (STEP_ROWS,), generator=gen)
+        t[::4] = -100
+        out.append((x.to(device), t.to(device)))
+    return out
+
+
+def train_with_step(device, k, process_group=None, rows=slice(None)):
+    """FusedTrainStep(model, FusedSGD, process_group, k) over ``rows`` of every step batch, flushed at the end;
+    (state_dict, momentum buffers, losses) on the CPU."""
+    model = fresh_model(device)
+    optimizer = FusedSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    step = FusedTrainStep(model, optimizer, process_group, k)
+    losses = [step(x[rows], t[rows]) for x, t in step_batches(device)]
+    step.flush()
+    buffers = [optimizer.state[p]["momentum_buffer"].cpu() for p in model.parameters()]
+    return {k: v.cpu() for k, v in model.state_dict().items()}, buffers, torch.stack(losses).cpu()
+
+
+def step_worker(rank, world, port, backend_name, device_type, pyfused_backends, out_dir):
+    """FusedTrainStep with the WORLD group on this rank's contiguous share (4 or 5 of 9 rows), k = 1 and 3."""
+    device = init_rank(rank, world, port, backend_name, device_type)
+    try:
+        rows = slice(STEP_ROWS * rank // world, STEP_ROWS * (rank + 1) // world)
+        for pyfused_backend in pyfused_backends:
+            os.environ["PYFUSED_BACKEND"] = pyfused_backend
+            for k in (1, 3):
+                torch.save(train_with_step(device, k, dist.group.WORLD, rows),
+                           os.path.join(out_dir, f"step-{pyfused_backend}-{k}-rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def check_step_against_one_process(world, backend_name, device_type, pyfused_backends, tmp_path, monkeypatch):
+    """Every rank ends with the parameters, momentum buffers and (global mean) losses of one process that
+    steps on the whole batches: the ranks' gradients are all-reduced and the mean is over all counted rows."""
+    mp.spawn(step_worker, args=(world, free_port(), backend_name, device_type, pyfused_backends, str(tmp_path)),
+             nprocs=world)
+    for pyfused_backend in pyfused_backends:
+        monkeypatch.setenv("PYFUSED_BACKEND", pyfused_backend)
+        for k in (1, 3):
+            expected = train_with_step(device_type, k)
+            for rank in range(world):
+                state, buffers, losses = torch.load(tmp_path / f"step-{pyfused_backend}-{k}-rank{rank}.pt")
+                where = f"{pyfused_backend}, k={k}, rank {rank}"
+                for name in expected[0]:
+                    torch.testing.assert_close(state[name], expected[0][name], **TOL, msg=lambda m: f"{where} {name}: {m}")
+                for ours, theirs in zip(buffers, expected[1]):
+                    torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{where} momentum: {m}")
+                torch.testing.assert_close(losses, expected[2], **TOL, msg=lambda m: f"{where} losses: {m}")
+
+
+def test_train_step_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    check_step_against_one_process(2, "gloo", "cpu", CPU_BACKENDS, tmp_path, monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nccl needs a CUDA device")
+def test_train_step_single_nccl_rank_equals_one_process(tmp_path, monkeypatch):
+    check_step_against_one_process(1, "nccl", "cuda", ("triton",), tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- the CLI: --accumulate and torchrun
@@ -208,7 +287,7 @@ def check_torchrun_against_one_process(nproc, device, tol, tmp_path, capsys):
 
 def test_torchrun_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path, capsys, monkeypatch):
     # 501 rows, 16 per rank: 16 global batches of 32 (the last of 21 rows: 10 on rank 0, 11 on rank 1) in
-    # groups of 3 (the last a group of 1): DDP with no_sync, uneven shards and a trailing partial group.
+    # groups of 3 (the last a group of 1): FusedTrainStep with the WORLD group, uneven shards, a flushed group.
     monkeypatch.setenv("PYFUSED_BACKEND", "torch")
     check_torchrun_against_one_process(2, "cpu", TOL, tmp_path, capsys)
 
