@@ -36,7 +36,8 @@ all-reduce. No host sync beyond what the collectives need; ``capture()`` is not 
 
 Torch path (CPU; ``PYFUSED_BACKEND=torch``): the ATen ops eager autograd and torch.optim.SGD would run, in
 the same order and layouts, into buffers kept between calls, without autograd and without dx: so the same
-rounding, and a 10-epoch run follows eager PyTorch's losses to ~1e-10 relative. (Writing the gradient GEMM
+rounding (parameters bit-identical to eager's, also over whole accumulation groups; a flushed partial group is
+rescaled by k/r, equal to rounding), and a 10-epoch run follows eager PyTorch's losses to ~1e-10 relative. (Writing the gradient GEMM
 straight into the weight or momentum buffer, ``addmm_``, saves one elementwise op but rounds differently; over
 10 epochs of the seed the losses drifted apart by 4.6e-4 relative, so it is not done.)
 """
@@ -116,8 +117,8 @@ class FusedTrainStep:
         self.groups = [None if p is None else owner[id(p)] for p in self.params]
         self.dtype, self.device = ref.dtype, ref.device
         # gradients as views (w1, b1, w2, b2) of one flat buffer, kept (keep_grad) or accumulated into
-        self.flat_grad, self._views = self._flat(self.dtype)
-        self.grads = self._views if self.keep_grad else None
+        self.flat_grad = self._views = None  # made on first use (:meth:`_grad_buffer`)
+        self.grads = self._grad_buffer()[1] if self.keep_grad else None
         self._sums = None  # Triton path, accumulating: (flat, views) in the accumulator dtype
         self._totals = None  # Triton path, with a process group: (2,) Σ nll, count over the ranks
         self._hp = None  # Triton path: (4, HP_WIDTH) device hyper-parameters, and their host copy
@@ -175,6 +176,12 @@ class FusedTrainStep:
         for p, g in zip(self.params, self.grads or (None, None, None, None)):
             if p is not None and (g is not None or p.grad is not None):
                 p.grad = g
+
+    def _grad_buffer(self):
+        """(flat, views): the gradient buffer in the parameters' dtype, made on first use."""
+        if self._views is None:
+            self.flat_grad, self._views = self._flat(self.dtype)
+        return self.flat_grad, self._views
 
     def _flat(self, dtype):
         """(flat, views): one buffer ``dw1 | db1 | dw2 | db2`` of ``dtype`` and its views shaped like the
@@ -254,7 +261,7 @@ class FusedTrainStep:
         """The Triton path's gradient sums (flat, views): the gradient views themselves when the parameters are
         fp32 or fp64, else an fp32 buffer (written to the views, if kept, at each update)."""
         if self.dtype in (torch.float32, torch.float64):
-            return self.flat_grad, self._views
+            return self._grad_buffer()
         if self._sums is None:
             self._sums = self._flat(torch.float32)
         return self._sums
@@ -264,7 +271,7 @@ class FusedTrainStep:
         group, then SGD from ``sums · accumulation_steps / r``."""
         k, r = self.accumulation_steps, self._calls
         kernels = backend.use_triton(self.device, self.dtype)
-        flat, sums = self._kernel_sums() if kernels else (self.flat_grad, self._views)
+        flat, sums = self._kernel_sums() if kernels else self._grad_buffer()
         if self.process_group is not None:
             dist.all_reduce(flat, group=self.process_group)
         if kernels:
@@ -445,30 +452,32 @@ class FusedTrainStep:
         return loss
 
     def _torch_accumulate(self, x, target, first):
-        """:meth:`_accumulate` with ATen ops: the summed nll, its (all-reduced) count, dz scaled by
-        1 / (k·count), the gradients added (or written, ``first``) into the flat gradient's views."""
+        """:meth:`_accumulate` with eager's ATen ops: the nll sum and count (all-reduced; in float32 at least,
+        so that 16-bit sums neither overflow nor round the count), the mean's gradient scaled by 1/k as
+        ``(loss / k).backward()`` makes it, and the gradients written (``first``) or added as AccumulateGrad
+        adds them."""
         (_, _, w2, _, _, _), x, target, ws = self._torch_forward(x, target)
         h, _, y, _, dz, dh, dh_t, dz_t = ws
         nll, count = _aten.nll_loss_forward(y, target, None, _SUM, self.ignore_index)
         totals = torch.stack((nll, count))
+        if totals.dtype not in (torch.float32, torch.float64):
+            totals = totals.float()
         if self.process_group is not None:
             dist.all_reduce(totals, group=self.process_group)
-        scale = totals[1].clamp(min=1).mul(self.accumulation_steps).reciprocal()
-        self._torch_rows(scale, target, count, _SUM, w2, ws)
-        g_w1, g_b1, g_w2, g_b2 = self._views
-        beta = 0 if first else 1
-        g_w1.addmm_(dh_t, x, beta=beta)
-        g_w2.addmm_(dz_t, h, beta=beta)
-        if self.bias:
-            for g, rows in ((g_b1, dh), (g_b2, dz)):
-                torch.sum(rows, 0, out=g) if first else g.add_(rows.sum(0))
-        return totals[0] / totals[1]
+        inv_k = self._one if self.accumulation_steps == 1 else self._one / self.accumulation_steps
+        self._torch_rows(inv_k, target, totals[1].to(y.dtype), _MEAN, w2, ws)
+        grads = self._grad_buffer()[1]
+        for w, b, operands, rows in ((0, 1, (dh_t, x), dh), (2, 3, (dz_t, h), dz)):
+            torch.mm(*operands, out=grads[w]) if first else grads[w].add_(torch.mm(*operands))
+            if self.bias:
+                torch.sum(rows, 0, out=grads[b]) if first else grads[b].add_(rows.sum(0))
+        return (totals[0] / totals[1]).to(self.dtype)
 
     def _torch_update(self, params, sources) -> None:
         """SGD of ``params`` from their gradient ``sources`` — GEMM operands (A, B) of a weight's gradient A @ B,
         or the rows whose sum is a bias's gradient —, each gradient made into its view of the flat buffer, then
         torch's foreach SGD: the eager step's ops, so its rounding too."""
-        grads = self._views
+        grads = self._grad_buffer()[1]
         entries = []
         for i in (0, 2, 1, 3) if self.bias else (0, 2):
             g = torch.mm(*sources[i], out=grads[i]) if i in (0, 2) else torch.sum(sources[i], 0, out=grads[i])

@@ -113,3 +113,26 @@ def test_accumulation_errors():
     x, t = torch.randn(4, 5, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
     with pytest.raises(RuntimeError, match="accumulation"):
         step.capture(x, t)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_torch_path_is_bit_identical_to_the_eager_loop(monkeypatch, k, bias):
+    """On the torch path the step runs eager's own ATen ops in eager's order (the 1/k factor as the division's
+    backward makes it, gradients added as AccumulateGrad adds them), so its parameters equal eager's exactly
+    over whole groups. (A flushed partial group is rescaled by k/r afterwards: equal to rounding, tested above.)"""
+    monkeypatch.setenv("PYFUSED_BACKEND", "torch")
+    model, ref = pair(64, 32, 10, bias)
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    step = FusedTrainStep(model, opt, accumulation_steps=k)
+    data = list(batches(128, 64, 10, 9))
+    for start in range(0, len(data), k):
+        eager_group(ref, data[start:start + k])
+        for x, t in data[start:start + k]:
+            step(x, t)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for ours, theirs in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(ours, theirs)
+        assert torch.equal(opt.state[ours]["momentum_buffer"], ref_opt.state[theirs]["momentum_buffer"])
