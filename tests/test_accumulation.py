@@ -136,3 +136,19 @@ def test_torch_path_is_bit_identical_to_the_eager_loop(monkeypatch, k, bias):
     for ours, theirs in zip(model.parameters(), ref.parameters()):
         assert torch.equal(ours, theirs)
         assert torch.equal(opt.state[ours]["momentum_buffer"], ref_opt.state[theirs]["momentum_buffer"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_accumulation_does_not_synchronise():
+    model, _ = pair(784, 128, 10, False)
+    step = FusedTrainStep(model, FusedSGD(model.parameters(), lr=0.15, momentum=0.9), accumulation_steps=3)
+    data = list(batches(128, 784, 10, 5))
+    for x, t in data[:3]:
+        step(x, t)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, t in data[3:]:
+            step(x, t)
+        step.flush()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
