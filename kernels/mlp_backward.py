@@ -3,7 +3,7 @@
 Launch 1, :func:`mlp_backward_rows_kernel` (``BLOCK_M`` rows per program): the logit gradient
 ``dz`` — from the loss, ``dz = scale_i · (softmax − onehot)`` with the logit gradient the forward already
 made; from log-probabilities, ``dz = dy − exp(y) · Σ_j dy_j`` — and the hidden gradient
-``dh = (dz @ w2) ⊙ [h > 0]``. Reads B·out (+B·out) + B·hidden + out·hidden, writes B·out + B·hidden.
+``dh = act'(dz @ w2)`` (``⊙ [h > 0]`` for relu, ``⊙ (1 − h) ⊙ h`` for sigmoid). Reads B·out (+B·out) + B·hidden + out·hidden, writes B·out + B·hidden.
 
 Launch 2, :func:`mlp_backward_grads_kernel`: one grouped launch over the tiles of three products,
 ``dx = dh @ w1`` (B × in, K = hidden), ``dw1 = dhᵀ @ x`` (hidden × in, K = B) with ``db1 = Σ_rows dh``, and
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import activation_grad
 from .gemm import gemm_tile
 from .launch import dot_block, dot_precision, hidden_block
 from .mlp_forward import MAX_OUT
@@ -32,10 +33,10 @@ def mlp_backward_rows_kernel(
     dz_ptr, dh_ptr,  # out: (B, out), (B, hidden), contiguous
     n_rows, n_hidden, n_out,
     stride_g_row, stride_g_col, stride_scale, stride_w2_row, stride_w2_col,
-    LOSS: tl.constexpr, NEED_DH: tl.constexpr,
+    LOSS: tl.constexpr, NEED_DH: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dz and dh = (dz @ w2) ⊙ [h > 0] for BLOCK_M rows."""
+    """dz and dh = act'(dz @ w2) (:func:`~pyfused.kernels.activation.activation_grad`) for BLOCK_M rows."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_OUT)
@@ -59,7 +60,7 @@ def mlp_backward_rows_kernel(
             dh = tl.dot(dz, w2, input_precision=PRECISION)
             hmask2 = row_mask[:, None] & h_mask[None, :]
             h = tl.load(h_ptr + rows[:, None] * n_hidden + hs[None, :], mask=hmask2, other=0.0)
-            dh = tl.where(h > 0, dh, 0.0)
+            dh = activation_grad(dh, h, ACTIVATION)
             tl.store(dh_ptr + rows[:, None] * n_hidden + hs[None, :], dh.to(dh_ptr.dtype.element_ty), mask=hmask2)
 
 
@@ -99,9 +100,10 @@ def grads_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
 
 
-def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_dh=True):
+def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_dh=True, activation="relu"):
     """Launch 1. Either ``dy`` and ``y`` (backward of log_softmax) or ``dlogits`` and ``scale`` (loss;
-    ``scale`` is (B,) or a 0-dim tensor). Returns ``(dz, dh)``; dh is None unless ``need_dh``."""
+    ``scale`` is (B,) or a 0-dim tensor); ``h`` is the output of the hidden ``activation``. Returns
+    ``(dz, dh)``; dh is None unless ``need_dh``."""
     loss = dlogits is not None
     g = dlogits if loss else dy
     n_rows, n_out = g.shape
@@ -116,7 +118,7 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
         n_rows, n_hidden, n_out,
         g.stride(0), g.stride(1), (scale.stride(0) if scale.dim() else 0) if loss else 0,
         w2.stride(0), w2.stride(1),
-        LOSS=loss, NEED_DH=need_dh, PRECISION=dot_precision(h.dtype, h.device), **cfg,
+        LOSS=loss, NEED_DH=need_dh, ACTIVATION=activation, PRECISION=dot_precision(h.dtype, h.device), **cfg,
     )
     return dz, dh
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import activate
 from .launch import dot_block, dot_precision, hidden_block
 
 MAX_OUT = 1024
@@ -27,19 +28,19 @@ MAX_OUT = 1024
 @triton.jit
 def mlp_forward_kernel(
     x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,  # x (B, in); w1 (hidden, in); b1 (hidden,); w2 (out, hidden); b2 (out,)
-    h_ptr,  # out: (B, hidden) contiguous, relu activations saved for backward (STORE_H)
+    h_ptr,  # out: (B, hidden) contiguous, activations saved for backward (STORE_H)
     y_ptr,  # out: (B, out) contiguous, log-probabilities (STORE_Y)
     target_ptr,  # (B,) integer class indices (LOSS)
     nll_ptr,  # out: (B,) float32 (float64 for float64 x), −y[i, t_i]; 0 for ignored rows, NaN for targets out of range (LOSS)
     dz_ptr,  # out: (B, out) contiguous, softmax − onehot(t), zero rows where t == ignore_index (LOSS)
     n_rows, n_in, n_hidden, n_out, ignore_index,
     stride_x_row, stride_x_col, stride_w1_row, stride_w1_col, stride_w2_row, stride_w2_col, stride_target,
-    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr,
     STORE_H: tl.constexpr, STORE_Y: tl.constexpr, LOSS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y = log_softmax(relu(x @ w1ᵀ + b1) @ w2ᵀ + b2) for BLOCK_M rows; with LOSS also nll and dz."""
+    """y = log_softmax(act(x @ w1ᵀ + b1) @ w2ᵀ + b2) for BLOCK_M rows; with LOSS also nll and dz."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_OUT)
@@ -59,7 +60,7 @@ def mlp_forward_kernel(
             acc = tl.dot(x, w1t, acc, input_precision=PRECISION)
         if HAS_B1:
             acc += tl.load(b1_ptr + hs, mask=h_mask, other=0.0).to(tl.float32)[None, :]
-        h = tl.maximum(acc, 0.0).to(x_ptr.dtype.element_ty)
+        h = activate(acc, ACTIVATION).to(x_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + rows[:, None] * n_hidden + hs[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
         w2t = tl.load(w2_ptr + cols[None, :] * stride_w2_row + hs[:, None] * stride_w2_col,
@@ -107,7 +108,8 @@ def forward_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: tor
     )
 
 
-def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True):
+def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True,
+                activation="relu"):
     """Launch the fused forward on validated 2-D ``x`` (B, in).
 
     Returns ``(y, h, nll, dz)``: y (B, out) log-probabilities or None (``store_y``), h (B, hidden) or None
@@ -133,7 +135,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
         n_rows, n_in, n_hidden, n_out, ignore_index,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         target.stride(0) if loss else 0,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACTIVATION=activation,
         STORE_H=store_h, STORE_Y=store_y, LOSS=loss,
         PRECISION=dot_precision(x.dtype, x.device),
         **cfg,

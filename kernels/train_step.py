@@ -5,10 +5,10 @@ Sizes: B rows, ``in`` → ``hidden`` → ``out``; s bytes per element (4 for fp3
 (+ hidden + out with biases) parameters; R = ⌈B / BLOCK_M⌉ row blocks.
 
 Launch 1, :func:`step_rows_kernel`, R programs of BLOCK_M rows. Per hidden slice of BLOCK_H (one slice at the
-seed shape): ``h = relu(x @ w1ᵀ + b1)`` accumulated over ``in`` in BLOCK_K steps, stored, and multiplied at
+seed shape): ``h = act(x @ w1ᵀ + b1)`` (relu or sigmoid) accumulated over ``in`` in BLOCK_K steps, stored, and multiplied at
 once into the logits ``z += h @ w2ᵀ``, which never leave the chip. Then log_softmax, the nll of each row, the
 *unscaled* logit gradient ``dz = softmax − onehot`` (zero rows for ignored targets, NaN rows for targets out
-of range) and, per hidden slice, ``dh = (dz @ w2) ⊙ [h > 0]``. Each program writes the nll sum and the number
+of range) and, per hidden slice, ``dh = act'(dz @ w2)`` (from h). Each program writes the nll sum and the number
 of counted rows of its block to ``stats[r]``: the mean's divisor costs no launch. Reads B·in·s of x per hidden
 slice, w1 and w2 once per program (from L2 after the first), 8·B of targets, its own h again (L1/L2);
 writes h and dh (2·B·hidden·s), dz (B·out·s) and stats (8·R bytes).
@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .activation import activate, activation_grad
 from .gemm import tile_product
 from .launch import dot_block, dot_precision
 from .mlp_forward import MAX_OUT
@@ -101,11 +102,11 @@ def step_rows_kernel(
     stats_ptr,  # out: (R, 2) per row block: Σ nll of its rows, number of its counted rows (ACC dtype)
     n_rows, n_in, n_hidden, n_out, ignore_index,
     stride_x_row, stride_x_col, stride_target,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Forward, nll, dz = softmax − onehot and dh = (dz @ w2) ⊙ [h > 0] for BLOCK_M rows (launch 1)."""
+    """Forward, nll, dz = softmax − onehot and dh = act'(dz @ w2) for BLOCK_M rows (launch 1)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
@@ -126,7 +127,7 @@ def step_rows_kernel(
             acc = tl.dot(x, w1t, acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:
             acc += tl.load(b1_ptr + hs, mask=h_mask, other=0.0).to(ACC)[None, :]
-        h = tl.maximum(acc, 0.0).to(dtype)
+        h = activate(acc, ACTIVATION).to(dtype)
         tl.store(h_ptr + rows[:, None] * n_hidden + hs[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
         w2t = tl.load(w2_ptr + cols[None, :] * n_hidden + hs[:, None], mask=h_mask[:, None] & col_mask[None, :],
                       other=0.0)
@@ -157,7 +158,8 @@ def step_rows_kernel(
                      other=0.0)
         dh = tl.dot(dz, w2, input_precision=PRECISION, out_dtype=ACC)
         h = tl.load(h_ptr + rows[:, None] * n_hidden + hs[None, :], mask=hmask2, other=0.0)
-        tl.store(dh_ptr + rows[:, None] * n_hidden + hs[None, :], tl.where(h > 0, dh, 0.0).to(dtype), mask=hmask2)
+        tl.store(dh_ptr + rows[:, None] * n_hidden + hs[None, :], activation_grad(dh, h, ACTIVATION).to(dtype),
+                 mask=hmask2)
 
 
 @triton.jit
@@ -317,7 +319,7 @@ def stats_rows(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.d
     return triton.cdiv(n_rows, step_rows_config(n_rows, n_in, n_hidden, n_out, dtype)["BLOCK_M"])
 
 
-def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats):
+def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats, activation="relu"):
     """Launch 1 on validated 2-D ``x`` (B ≥ 1 rows) into the caller's buffers h, dz, dh (contiguous, x's dtype)
     and ``stats`` (:func:`stats_rows` × 2, fp32, fp64 for fp64 x)."""
     n_rows, n_in = x.shape
@@ -331,7 +333,8 @@ def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats):
         h, dz, dh, stats,
         n_rows, n_in, n_hidden, n_out, ignore_index,
         x.stride(0), x.stride(1), target.stride(0),
-        HAS_BIAS=has_bias, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device), **cfg,
+        HAS_BIAS=has_bias, ACTIVATION=activation, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device),
+        **cfg,
     )
 
 

@@ -7,6 +7,7 @@ catches them.
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+ACTIVATIONS = ("relu", "sigmoid")  # the hidden activations of the kernels (pyfused.kernels.activation)
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -24,6 +25,11 @@ class DeviceError(ValueError, RuntimeError):
 def _tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_activation(activation) -> None:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_mlp(x, w1, b1, w2, b2) -> None:

@@ -14,16 +14,16 @@ import torch
 from pyfused import backend, checks
 
 
-def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, **grad):
+def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, activation, **grad):
     """(dx, dw1, db1, dw2, db2) from the backend ``ops``; ``grad`` is ``dy=, y=`` or ``dlogits=, scale=``.
-    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2)."""
+    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2); ``h`` is the ``activation``'s output."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs[:5]
-    dz, dh = ops.mlp_backward_rows(h, w2, need_dh=need_x or need_w1 or need_b1, **grad)
+    dz, dh = ops.mlp_backward_rows(h, w2, need_dh=need_x or need_w1 or need_b1, activation=activation, **grad)
     return ops.mlp_backward_grads(x, w1, h, dz, dh, need_dx=need_x, need_w1=need_w1 or need_b1,
                                   need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2)
 
 
-def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h):
+def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h, activation):
     """(loss, logit gradient, h, count), after the CPU target range check.
 
     loss is reduced as asked, in float32 (float64 for float64 x); count is the number of counted rows for
@@ -31,7 +31,7 @@ def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h
     """
     checks.check_target_range(target, w2.shape[0], ignore_index)
     _, h, nll, dlogits = ops.mlp_forward(x, w1, b1, w2, b2, target=target, ignore_index=ignore_index,
-                                         store_h=store_h, store_y=False)
+                                         store_h=store_h, store_y=False, activation=activation)
     if reduction == "none":
         return nll, dlogits, h, None
     if reduction == "sum":
@@ -49,59 +49,65 @@ def row_scale(dloss, count):
 
 class _MLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, activation):
         ops = backend.mlp_ops(x.device, x.dtype)
         grads = any(ctx.needs_input_grad)
-        y, h, _, _ = ops.mlp_forward(x, w1, b1, w2, b2, store_h=grads)
+        y, h, _, _ = ops.mlp_forward(x, w1, b1, w2, b2, store_h=grads, activation=activation)
         if grads:
-            ctx.ops, ctx.has_b1, ctx.has_b2 = ops, b1 is not None, b2 is not None
+            ctx.ops, ctx.has_b1, ctx.has_b2, ctx.activation = ops, b1 is not None, b2 is not None, activation
             ctx.save_for_backward(x, w1, w2, h, y)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, h, y = ctx.saved_tensors
-        return mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, dy=dy, y=y)
+        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, ctx.activation,
+                             dy=dy, y=y)
+        return (*grads, None)
 
 
 class _MLPNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index, reduction):
+    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index, reduction, activation):
         ops = backend.mlp_ops(x.device, x.dtype)
         grads = any(ctx.needs_input_grad[:5])
-        loss, dlogits, h, count = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, grads)
+        loss, dlogits, h, count = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, grads,
+                                              activation)
         if grads:
             ctx.ops, ctx.has_b1, ctx.has_b2, ctx.count = ops, b1 is not None, b2 is not None, count
+            ctx.activation = activation
             ctx.save_for_backward(x, w1, w2, h, dlogits)
         return loss.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dloss):
         x, w1, w2, h, dlogits = ctx.saved_tensors
-        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2,
+        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, ctx.activation,
                              dlogits=dlogits, scale=row_scale(dloss, ctx.count))
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
-def fused_mlp(x, w1, b1, w2, b2):
-    """``log_softmax(relu(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused.
+def fused_mlp(x, w1, b1, w2, b2, activation="relu"):
+    """``log_softmax(act(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused; ``act`` is
+    ``activation``: "relu" or "sigmoid".
 
     Weights in nn.Linear layout: ``w1`` (hidden, in), ``w2`` (out, hidden); ``b1``/``b2`` may be None.
     Returns (*, out) log-probabilities in x's dtype; differentiable in x, w1, b1, w2, b2.
     """
     checks.check_mlp(x, w1, b1, w2, b2)
+    checks.check_activation(activation)
     if torch.compiler.is_compiling():
-        y = torch.ops.pyfused.mlp(_flat(x), w1, b1, w2, b2)[0]
+        y = torch.ops.pyfused.mlp(_flat(x), w1, b1, w2, b2, activation)[0]
     else:
-        y = _MLP.apply(_flat(x), w1, b1, w2, b2)
+        y = _MLP.apply(_flat(x), w1, b1, w2, b2, activation)
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
-def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100):
+def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100, activation="relu"):
     """``F.nll_loss(fused_mlp(x, ...).reshape(-1, out), target.reshape(-1), reduction, ignore_index)``, fused.
 
     The logit gradient is made in the forward pass. ``reduction="none"`` returns target's shape, with 0 for
@@ -110,9 +116,11 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     """
     checks.check_mlp(x, w1, b1, w2, b2)
     checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
+    checks.check_activation(activation)
     flat_target = target.reshape(-1)
     if torch.compiler.is_compiling():
-        loss = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction)[0]
+        loss = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction,
+                                         activation)[0]
     else:
-        loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction)
+        loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction, activation)
     return loss.view(target.shape) if reduction == "none" else loss

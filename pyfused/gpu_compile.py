@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyfused import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
@@ -86,6 +88,7 @@ STEP_KERNELS = {
     "step_update": ("train_step", "step_update_kernel", "FusedTrainStep update-only pass after accumulation"),
 }
 SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
+ACTIVATION_KERNELS = ("forward_loss", "forward", "forward_eval", "rows_loss", "rows", "step_rows")
 # the kernels of a seed step: module path, FusedTrainStep, and FusedTrainStep accumulating / data-parallel
 SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads", "step_accumulate",
                 "step_update")
@@ -103,6 +106,7 @@ class Case:
     n_in: int = SEED[1]
     n_hidden: int = SEED[2]
     n_out: int = SEED[3]
+    activation: str = "relu"  # the hidden activation, for the kernels that take one (ACTIVATION_KERNELS)
 
     @property
     def shape(self) -> str:
@@ -110,12 +114,15 @@ class Case:
 
     def __str__(self) -> str:
         sizes = f"{self.n_rows}x{self.n_in}x{self.n_hidden}x{self.n_out}"
-        return f"{self.kernel}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}"
+        act = "" if self.activation == "relu" else f"-{self.activation}"
+        return f"{self.kernel}{act}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}"
 
 
 def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS)) -> list[Case]:
-    """Every kernel at the seed shape, for every arch, mode and bias flag."""
-    return [Case(k, a, m, b) for k in kernels for a in archs for m in MODES for b in (True, False)]
+    """Every kernel at the seed shape, for every arch, mode and bias flag, and every activation of the kernels
+    that take one."""
+    return [Case(k, a, m, b, activation=act) for k in kernels for a in archs for m in MODES for b in (True, False)
+            for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))]
 
 
 def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[Case]:
@@ -173,13 +180,14 @@ def _call_launcher(case: Case, module) -> None:
     if k.startswith("forward"):
         loss = k == "forward_loss"
         module.mlp_forward(x, w1, b1, w2, b2, target=t(n_rows, dt=torch.int64) if loss else None,
-                           store_h=k != "forward_eval", store_y=not loss)
+                           store_h=k != "forward_eval", store_y=not loss, activation=case.activation)
     elif k.startswith("rows"):
         h = t(n_rows, n_hidden)
         if k == "rows_loss":
-            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=torch.float32))
+            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=torch.float32),
+                                     activation=case.activation)
         else:
-            module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out))
+            module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out), activation=case.activation)
     elif k.startswith("grads"):
         module.mlp_backward_grads(x, w1, t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden),
                                   need_dx=k == "grads_dx", has_b1=case.bias, has_b2=case.bias)
@@ -190,7 +198,7 @@ def _call_launcher(case: Case, module) -> None:
         like = lambda dt: [None if p is None else torch.empty_like(p, dtype=dt) for p in params]  # noqa: E731
         hp = t(4, module.HP_WIDTH.value, dt=torch.float32)
         if k == "step_rows":
-            module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats)
+            module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats, case.activation)
         elif k == "step_grads":
             module.step_grads(x, h, dz, dh, stats, params, like(dtype), None, hp, t(dt=dtype))
         elif k == "step_accumulate":  # with a process group's all-reduced totals

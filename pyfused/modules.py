@@ -1,27 +1,34 @@
-"""``FusedMLP``: Linear → ReLU → Linear → log_softmax as one module, with nn.Linear's parameters and state_dict."""
+"""``FusedMLP``: Linear → ReLU (or sigmoid) → Linear → log_softmax as one module, with nn.Linear's parameters and
+state_dict."""
 import torch
 from torch import nn
 
+from pyfused import checks
 from pyfused.functional import fused_mlp, fused_mlp_nll
 
 
 class FusedMLP(nn.Module):
-    """``log_softmax(fc2(relu(fc1(x))), dim=-1)`` through the fused kernels.
+    """``log_softmax(fc2(act(fc1(x))), dim=-1)`` through the fused kernels; ``act`` is ``activation``, "relu"
+    (the default) or "sigmoid".
 
     ``fc1 = nn.Linear(in_features, hidden_features, bias)`` and ``fc2 = nn.Linear(hidden_features,
     out_features, bias)`` are created in that order, so under the same ``torch.manual_seed`` the parameters,
     their names and the state_dict equal those of the nn.Linear pair (``fc1.weight``, ``fc1.bias``, ...).
+    The activation has no parameters and is not in the state_dict.
     """
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, activation: str = "relu") -> None:
+        checks.check_activation(activation)
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
 
     @classmethod
-    def from_linear(cls, fc1: nn.Linear, fc2: nn.Linear) -> "FusedMLP":
+    def from_linear(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "relu") -> "FusedMLP":
         """A FusedMLP that shares (does not copy) the Parameters of ``fc1`` and ``fc2``."""
+        checks.check_activation(activation)
         for name, fc in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(fc, nn.Linear):
                 raise TypeError(f"{name} must be an nn.Linear, got {type(fc).__name__}")
@@ -31,7 +38,7 @@ class FusedMLP(nn.Module):
             raise ValueError("fc1 and fc2 must both have a bias or both have none")
         model = cls.__new__(cls)
         nn.Module.__init__(model)
-        model.fc1, model.fc2 = fc1, fc2
+        model.fc1, model.fc2, model.activation = fc1, fc2, activation
         return model
 
     @property
@@ -48,14 +55,14 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (*, out_features) for x of shape (*, in_features)."""
-        return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
 
     def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
                  ignore_index: int = -100) -> torch.Tensor:
         """``F.nll_loss(self(x), target, ...)`` with the loss fused into the forward kernel."""
         return fused_mlp_nll(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, target,
-                             reduction=reduction, ignore_index=ignore_index)
+                             reduction=reduction, ignore_index=ignore_index, activation=self.activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hidden_features={self.hidden_features}, " \
-               f"out_features={self.out_features}, bias={self.fc1.bias is not None}"
+               f"out_features={self.out_features}, bias={self.fc1.bias is not None}, activation={self.activation!r}"

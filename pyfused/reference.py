@@ -8,15 +8,16 @@ gradients that are asked for.
 import torch
 
 
-def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True):
+def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True,
+                activation="relu"):
     """Twin of :func:`pyfused.kernels.mlp_forward.mlp_forward`: ``(y, h, nll, dz)`` for 2-D x.
 
-    h = relu(x @ w1ᵀ + b1); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when t_i is ignored);
+    h = act(x @ w1ᵀ + b1) (relu or sigmoid); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when t_i is ignored);
     dz = softmax(z) − onehot(t) with zero rows where t is ignored; nll in float32 (float64 for float64). Targets out of range must be rejected
     before this is called.
     """
     h = torch.addmm(b1, x, w1.t()) if b1 is not None else torch.mm(x, w1.t())
-    h.relu_()
+    h.relu_() if activation == "relu" else h.sigmoid_()
     z = torch.addmm(b2, h, w2.t()) if b2 is not None else torch.mm(h, w2.t())
     y = torch.log_softmax(z, dim=1)
     nll = dz = None
@@ -31,10 +32,11 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
     return (y if store_y else None), (h if store_h else None), nll, dz
 
 
-def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_dh=True):
+def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_dh=True, activation="relu"):
     """Twin of :func:`pyfused.kernels.mlp_backward.mlp_backward_rows`: ``(dz, dh)``.
 
-    dz = scale_i · dlogits (loss) or dy − exp(y) · Σ_j dy (log_softmax backward); dh = (dz @ w2) ⊙ [h > 0].
+    dz = scale_i · dlogits (loss) or dy − exp(y) · Σ_j dy (log_softmax backward); dh = act'(dz @ w2) from the
+    activation's output h (:func:`activation_backward`).
     """
     if dlogits is not None:
         dz = (dlogits * (scale.unsqueeze(1) if scale.dim() else scale)).to(h.dtype)
@@ -42,8 +44,15 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
         dz = dy - torch.exp(y) * dy.sum(dim=1, keepdim=True)
     if not need_dh:
         return dz, None
-    dh = torch.mm(dz, w2)
-    return dz, dh.masked_fill_(h <= 0, 0)
+    return dz, activation_backward(torch.mm(dz, w2), h, activation)
+
+
+def activation_backward(g, h, activation):
+    """The gradient through the hidden activation from its output ``h``, written over ``g`` with ATen's own
+    backward ops (eager's rounding): relu ``g ⊙ [h > 0]``, sigmoid ``g ⊙ (1 − h) ⊙ h``."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+    return torch.ops.aten.sigmoid_backward.grad_input(g, h, grad_input=g)
 
 
 def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True):

@@ -64,7 +64,7 @@ def fused_step(model, args, ranks=None):
 
 def build_fused(args, ranks):
     """(model, step): the FusedMLP on ``ranks.device`` and its :func:`fused_step`."""
-    model = FusedMLP.from_linear(*seeded_linears(args)).to(ranks.device)
+    model = FusedMLP.from_linear(*seeded_linears(args), activation=args.activation).to(ranks.device)
     return model, fused_step(model, args, ranks)
 
 
@@ -76,6 +76,7 @@ def reference_step(model, args):
 def build_reference(args, device):
     """(model, step): the seed's model, nn.Sequential of the same fc1, fc2 (same init) on ``device``."""
     fc1, fc2 = seeded_linears(args)
+    act = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}[args.activation]()
     model = nn.Sequential(collections.OrderedDict(
-        fc1=fc1, relu=nn.ReLU(), fc2=fc2, log_softmax=nn.LogSoftmax(dim=1))).to(device)
+        fc1=fc1, **{args.activation: act}, fc2=fc2, log_softmax=nn.LogSoftmax(dim=1))).to(device)
     return model, reference_step(model, args)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pyfused import backend, data, ranks as ranks_
+from pyfused import backend, checks, data, ranks as ranks_
 from pyfused.steps import build_fused, build_reference, fused_step, reference_step
 
 EVAL_CHUNK = 8192
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 1")
     parser.add_argument("--hidden", type=_int_at_least(1), default=128, help="hidden units (default 128)")
     parser.add_argument("--bias", action="store_true", help="give both Linear layers a bias (default: none)")
+    parser.add_argument("--activation", choices=checks.ACTIVATIONS, default="relu",
+                        help="the hidden layer's activation (default relu, the seed's)")
     parser.add_argument("--seed", type=int, default=420, help="torch.manual_seed for init and batches (default 420)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto: cuda if available, else cpu")
@@ -280,7 +282,7 @@ def _header(args, dataset, kernels: bool, ranks) -> str:
     if args.accumulate > 1:
         batch += f" x {args.accumulate} accumulated"
     return (f"pyfused-train: {dataset.describe()} | {args.device}, {path} | "
-            f"784-{args.hidden}-10 bias={args.bias} | SGD lr={args.lr:g} momentum={args.momentum:g} | "
+            f"784-{args.hidden}-10 {args.activation} bias={args.bias} | SGD lr={args.lr:g} momentum={args.momentum:g} | "
             f"{batch} | {args.epochs} epochs | seed {args.seed}")
 
 

@@ -85,7 +85,7 @@ class FusedTrainStep(TorchStepPath):
             if not isinstance(process_group, dist.ProcessGroup):
                 raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD) "
                                 f"or None, got {type(process_group).__name__}")
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.activation = model, optimizer, model.activation
         self.process_group, self.accumulation_steps = process_group, accumulation_steps
         self.accumulating = process_group is not None or accumulation_steps > 1
         self._calls = 0  # batches accumulated since the last update
@@ -242,7 +242,7 @@ class FusedTrainStep(TorchStepPath):
         totals = None
         with torch.no_grad():
             if x.shape[0] > 0:
-                step_rows(x, *self.params, target, self.ignore_index, h, dz, dh, stats)
+                step_rows(x, *self.params, target, self.ignore_index, h, dz, dh, stats, self.activation)
             if self.process_group is not None:
                 if self._totals is None:
                     self._totals = stats.new_empty(2)
@@ -344,7 +344,7 @@ class FusedTrainStep(TorchStepPath):
         loss = torch.empty((), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             if x.shape[0] > 0:
-                step_rows(x, w1, b1, w2, b2, target, self.ignore_index, h, dz, dh, stats)
+                step_rows(x, w1, b1, w2, b2, target, self.ignore_index, h, dz, dh, stats, self.activation)
             step_grads(x, h, dz, dh, stats, self.params, bufs, self.grads, self._hp, loss)
         return loss
 

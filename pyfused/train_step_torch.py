@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pyfused.optim import _foreach_sgd
+from pyfused.reference import activation_backward
 
 _aten = torch.ops.aten
 _MEAN, _SUM = 1, 2  # ATen's reduction codes
@@ -48,7 +49,8 @@ class TorchStepPath:
         h, z, y = ws[:3]
         x = x.detach() if x.requires_grad else x
         target = target if target.dtype == torch.int64 else target.long()
-        (torch.addmm(b1, x, w1t, out=h) if self.bias else torch.mm(x, w1t, out=h)).relu_()
+        h = torch.addmm(b1, x, w1t, out=h) if self.bias else torch.mm(x, w1t, out=h)
+        h.relu_() if self.activation == "relu" else h.sigmoid_()
         torch.addmm(b2, h, w2t, out=z) if self.bias else torch.mm(h, w2t, out=z)
         torch._log_softmax(z, 1, False, out=y)
         return aliases, x, target, ws
@@ -59,7 +61,7 @@ class TorchStepPath:
         h, _, y, dy, dz, dh = ws[:6]
         _aten.nll_loss_backward.grad_input(grad, y, target, None, reduction, self.ignore_index, count, grad_input=dy)
         _aten._log_softmax_backward_data.out(dy, y, 1, y.dtype, out=dz)
-        _aten.threshold_backward.grad_input(torch.mm(dz, w2, out=dh), h, 0, grad_input=dh)
+        activation_backward(torch.mm(dz, w2, out=dh), h, self.activation)
 
     def _torch_step(self, x, target):
         """The ATen ops of the eager step (no autograd, no dx), then SGD; returns the loss."""

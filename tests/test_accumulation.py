@@ -116,13 +116,13 @@ def test_accumulation_errors():
 
 
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("bias", [False, True])
-def test_torch_path_is_bit_identical_to_the_eager_loop(monkeypatch, k, bias):
+@pytest.mark.parametrize("bias, activation", [(False, "relu"), (True, "relu"), (True, "sigmoid")])
+def test_torch_path_is_bit_identical_to_the_eager_loop(monkeypatch, k, bias, activation):
     """On the torch path the step runs eager's own ATen ops in eager's order (the 1/k factor as the division's
     backward makes it, gradients added as AccumulateGrad adds them), so its parameters equal eager's exactly
     over whole groups. (A flushed partial group is rescaled by k/r afterwards: equal to rounding, tested above.)"""
     monkeypatch.setenv("PYFUSED_BACKEND", "torch")
-    model, ref = pair(64, 32, 10, bias)
+    model, ref = pair(64, 32, 10, bias, activation=activation)
     opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     step = FusedTrainStep(model, opt, accumulation_steps=k)

@@ -45,6 +45,7 @@ def test_bad_mlp_arguments(backend, args, name, bad, error, match):
     (lambda t: t[:3], {}, ValueError, r"target must have shape \(4,\)"),
     (lambda t: t, dict(reduction="avg"), ValueError, "reduction must be one of"),
     (lambda t: t, dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (lambda t: t, dict(activation="gelu"), ValueError, r"activation must be one of \('relu', 'sigmoid'\), got 'gelu'"),
 ])
 def test_bad_loss_arguments(backend, args, target, kwargs, error, match):
     kw, t = args
@@ -58,3 +59,11 @@ def test_cpu_target_out_of_range_is_index_error(backend, args, value):
     target[1] = value
     with pytest.raises(IndexError, match=f"target {value} is out of bounds"):
         pyfused.fused_mlp_nll(**kw, target=target)
+
+
+def test_bad_activation(args):
+    kw, _ = args
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pyfused.fused_mlp(**kw, activation="Sigmoid")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pyfused.FusedMLP(3, 4, 2, activation=None)

@@ -30,9 +30,14 @@ def make(batch, n_in, hidden, out, bias, dtype=torch.float32, device=DEVICE, see
     return x, w1, b1, w2, b2, target
 
 
-def reference(x, w1, b1, w2, b2, dtype=torch.float64):
+ACT = {"relu": F.relu, "sigmoid": torch.sigmoid}
+# every shape with relu; sigmoid on all but the (slow on the interpreter) seed shape
+SHAPE_ACTS = [(shape, "relu") for shape in SHAPES] + [(shape, "sigmoid") for shape in SHAPES[1:]]
+
+
+def reference(x, w1, b1, w2, b2, dtype=torch.float64, activation="relu"):
     c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return F.log_softmax(F.linear(F.relu(F.linear(c(x), c(w1), c(b1))), c(w2), c(b2)), dim=-1)
+    return F.log_softmax(F.linear(ACT[activation](F.linear(c(x), c(w1), c(b1))), c(w2), c(b2)), dim=-1)
 
 
 def inputs(x, w1, b1, w2, b2):
@@ -44,11 +49,11 @@ def check(ours, ref, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_mlp_matches_float64_reference(backend, shape, bias):
+@pytest.mark.parametrize("shape, activation", SHAPE_ACTS, ids=str)
+def test_fused_mlp_matches_float64_reference(backend, shape, activation, bias):
     x, w1, b1, w2, b2, _ = make(*shape, bias)
-    y = pyfused.fused_mlp(x, w1, b1, w2, b2)
-    ref = reference(x, w1, b1, w2, b2)
+    y = pyfused.fused_mlp(x, w1, b1, w2, b2, activation)
+    ref = reference(x, w1, b1, w2, b2, activation=activation)
     assert y.shape == ref.shape and y.dtype == x.dtype
     check(y, ref)
     dy = torch.randn_like(y)
@@ -59,13 +64,13 @@ def test_fused_mlp_matches_float64_reference(backend, shape, bias):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_fused_mlp_nll_matches_float64_reference(backend, shape, bias, reduction):
+@pytest.mark.parametrize("shape, activation", SHAPE_ACTS, ids=str)
+def test_fused_mlp_nll_matches_float64_reference(backend, shape, activation, bias, reduction):
     x, w1, b1, w2, b2, target = make(*shape, bias)
     if target.numel() > 2:
         target.view(-1)[::3] = -100  # some ignored rows
-    loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target, reduction=reduction)
-    ref_y = reference(x, w1, b1, w2, b2)
+    loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target, reduction=reduction, activation=activation)
+    ref_y = reference(x, w1, b1, w2, b2, activation=activation)
     ref = F.nll_loss(ref_y.reshape(-1, w2.shape[0]), target.reshape(-1), reduction=reduction)
     if reduction == "none":
         ref = ref.view(target.shape)
@@ -137,18 +142,21 @@ def test_deterministic_results(backend):
         assert torch.equal(a, b)
 
 
-def test_gradcheck_torch_path_float64(monkeypatch):
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_gradcheck_torch_path_float64(monkeypatch, activation):
     monkeypatch.setenv("PYFUSED_BACKEND", "torch")
     x, w1, b1, w2, b2, target = make((4,), 5, 6, 3, True, dtype=torch.float64, device="cpu")
     target[1] = -100
-    torch.autograd.gradcheck(pyfused.fused_mlp, (x, w1, b1, w2, b2))
+    torch.autograd.gradcheck(lambda *a: pyfused.fused_mlp(*a, activation=activation), (x, w1, b1, w2, b2))
     for reduction in ("mean", "sum", "none"):
-        torch.autograd.gradcheck(lambda *a: pyfused.fused_mlp_nll(*a, target, reduction=reduction),
-                                 (x, w1, b1, w2, b2))
+        torch.autograd.gradcheck(
+            lambda *a: pyfused.fused_mlp_nll(*a, target, reduction=reduction, activation=activation),
+            (x, w1, b1, w2, b2))
 
 
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(backend, dtype):
+def test_half_precision(backend, dtype, activation):
     """|ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol (the flash-attention rule), loss and gradients.
     On CPU the Triton side runs fp16 only: the interpreter has no bfloat16 (tested below)."""
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
@@ -156,9 +164,9 @@ def test_half_precision(backend, dtype):
     shape = ((300,), 784, 128, 10) if DEVICE == "cuda" else ((40,), 48, 32, 10)
     x, w1, b1, w2, b2, target = make(*shape, True, dtype=dtype)
     ref_inputs = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
-    loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target)
-    same = F.nll_loss(reference(x, w1, b1, w2, b2, dtype=dtype), target)
-    ref = F.nll_loss(reference(*ref_inputs), target)
+    loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target, activation=activation)
+    same = F.nll_loss(reference(x, w1, b1, w2, b2, dtype=dtype, activation=activation), target)
+    ref = F.nll_loss(reference(*ref_inputs, activation=activation), target)
     assert loss.dtype == dtype
     ours = [loss, *torch.autograd.grad(loss, [x, w1, b1, w2, b2])]
     theirs = [same, *torch.autograd.grad(same, [x, w1, b1, w2, b2])]

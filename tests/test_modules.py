@@ -46,14 +46,19 @@ def test_from_linear_shares_parameters(backend):
         pyfused.FusedMLP.from_linear(fc1, nn.Linear(4, 3))
     with pytest.raises(TypeError, match="fc1 must be an nn.Linear"):
         pyfused.FusedMLP.from_linear(nn.ReLU(), fc2)
+    sig = pyfused.FusedMLP.from_linear(fc1, fc2, activation="sigmoid")
+    torch.testing.assert_close(sig(x), F.log_softmax(fc2(torch.sigmoid(fc1(x))), -1), atol=1e-5, rtol=1e-5)
+    assert "activation='sigmoid'" in repr(sig) and list(sig.state_dict()) == list(model.state_dict())
 
 
-def test_momentum_sgd_trajectory_matches_nn_sequential(backend):
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_momentum_sgd_trajectory_matches_nn_sequential(backend, activation):
     """50 steps of SGD(momentum=0.9) on FusedMLP.nll_loss vs nn.Sequential + F.nll_loss (float32)."""
     in_f, hidden, out, batch = (784, 128, 10, 128) if backend == "torch" or DEVICE == "cuda" else (40, 24, 10, 32)
     fc1, fc2 = seed_pair(in_f, hidden, out, False)
-    ref = nn.Sequential(fc1, nn.ReLU(), fc2, nn.LogSoftmax(dim=1)).to(DEVICE)
-    model = pyfused.FusedMLP(in_f, hidden, out, bias=False, device=DEVICE)
+    act = nn.ReLU() if activation == "relu" else nn.Sigmoid()
+    ref = nn.Sequential(fc1, act, fc2, nn.LogSoftmax(dim=1)).to(DEVICE)
+    model = pyfused.FusedMLP(in_f, hidden, out, bias=False, device=DEVICE, activation=activation)
     model.load_state_dict({"fc1.weight": fc1.weight, "fc2.weight": fc2.weight})
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.15, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9)
@@ -104,7 +109,9 @@ def test_opcheck(backend, bias):
     x, w1, w2 = r(7, 6), r(5, 6), r(3, 5)
     b1, b2 = (r(5), r(3)) if bias else (None, None)
     t = torch.randint(0, 3, (7,), generator=g).to(DEVICE)
-    torch.library.opcheck(torch.ops.pyfused.mlp.default, (x, w1, b1, w2, b2))
     t[2] = -100
-    for reduction in ("mean", "sum", "none"):
-        torch.library.opcheck(torch.ops.pyfused.mlp_nll.default, (x, w1, b1, w2, b2, t, -100, reduction))
+    for activation in ("relu", "sigmoid"):
+        torch.library.opcheck(torch.ops.pyfused.mlp.default, (x, w1, b1, w2, b2, activation))
+        for reduction in ("mean", "sum", "none"):
+            torch.library.opcheck(torch.ops.pyfused.mlp_nll.default,
+                                  (x, w1, b1, w2, b2, t, -100, reduction, activation))

@@ -26,11 +26,12 @@ TOL = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def pair(n_in, hidden, out, bias, seed=0):
+def pair(n_in, hidden, out, bias, seed=0, activation="relu"):
     """(FusedMLP, nn.Sequential of the same nn.Linear parameters, copied) on DEVICE."""
     torch.manual_seed(seed)
-    model = pyfused.FusedMLP(n_in, hidden, out, bias=bias, device=DEVICE)
-    ref = nn.Sequential(nn.Linear(n_in, hidden, bias), nn.ReLU(), nn.Linear(hidden, out, bias)).to(DEVICE)
+    model = pyfused.FusedMLP(n_in, hidden, out, bias=bias, device=DEVICE, activation=activation)
+    act = nn.ReLU() if activation == "relu" else nn.Sigmoid()
+    ref = nn.Sequential(nn.Linear(n_in, hidden, bias), act, nn.Linear(hidden, out, bias)).to(DEVICE)
     ref.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in model.state_dict().items()})
     return model, ref
 
@@ -76,7 +77,7 @@ def check_same(model, opt, ref, ref_opt):
             assert "momentum_buffer" not in opt.state[ours]
 
 
-CASES = {  # (rows, in, hidden, out), bias, SGD options, biases in their own group, lr schedule
+CASES = {  # (rows, in, hidden, out), bias, SGD options, biases in their own group, lr schedule[, activation]
     "bias-plain-sched": ((13, 29, 19, 7), True, dict(lr=0.1), True, True),
     "bias-nesterov-wd": ((13, 29, 19, 7), True, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
                          False, True),
@@ -85,14 +86,16 @@ CASES = {  # (rows, in, hidden, out), bias, SGD options, biases in their own gro
     # more of the kernels' tiling: 3 row blocks; 2 hidden slices and 2 rows of dW1 tiles
     "three-row-blocks": ((40, 24, 20, 6), False, dict(lr=0.1, momentum=0.9), False, False),
     "two-hidden-slices": ((17, 6, 136, 3), True, dict(lr=0.1, momentum=0.9), True, False),
+    # the course's small net's activation: sigmoid, its derivative read off the saved output
+    "sigmoid-bias-momentum": ((13, 20, 13, 3), True, dict(lr=0.5, momentum=0.9), False, False, "sigmoid"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trajectory_matches_eager(backend, case):
     """30 steps; every batch has ignored rows, the fifth only ignored rows (NaN loss, zero gradient)."""
-    (rows, n_in, hidden, out), bias, options, bias_group, schedule = CASES[case]
-    model, ref = pair(n_in, hidden, out, bias)
+    (rows, n_in, hidden, out), bias, options, bias_group, schedule, *activation = CASES[case]
+    model, ref = pair(n_in, hidden, out, bias, activation=(activation or ["relu"])[0])
     opt, ref_opt = FusedSGD(groups(model, bias_group), **options), torch.optim.SGD(groups(ref, bias_group), **options)
     scheds = [torch.optim.lr_scheduler.StepLR(o, 4, gamma=0.5) for o in (opt, ref_opt)] if schedule else []
     step = FusedTrainStep(model, opt)
