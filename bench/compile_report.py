@@ -75,11 +75,13 @@ def render(arch: gc.Arch, seed: dict, sweep: dict, command: str) -> str:
         "",
     ]
     header = ["kernel", "mode", "bias", "config", "grid", "regs", "spill", "shared", "blocks/SM", "occ.", "note"]
-    rows = [[c.kernel, c.mode, "yes" if c.bias else "no", config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
+    rows = [[c.kernel if c.activation == "relu" else f"{c.kernel} ({c.activation})", c.mode,
+             "yes" if c.bias else "no", config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
             for c, r in seed.items()]
     lines += _table(header, rows)
     lines += ["", "Kernel variants:", ""]
     lines += [f"- `{name}`: {what}" for name, (_, _, what) in {**gc.MLP_KERNELS, **gc.SGD_KERNELS, **gc.STEP_KERNELS}.items()]
+    lines += ["", "The hidden activation is relu unless the kernel names another (the sweep is relu only).", ""]
     lines += ["", "## Sweep (with bias; sizes B × in → hidden → out)", ""]
     header = ["shape", "kernel", "mode", "config", "grid", "regs", "spill", "shared", "blocks/SM", "occ.", "note"]
     rows = [[c.shape, c.kernel, c.mode, config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
