@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .activation import activation_grad
-from .gemm import gemm_tile
+from .gemm import gemm_tile, tile_product
 from .launch import dot_block, dot_precision, hidden_block
 from .mlp_forward import MAX_OUT
 
@@ -72,13 +72,24 @@ def mlp_backward_grads_kernel(
     stride_x_row, stride_x_col, stride_w1_row, stride_w1_col,
     tiles_dx, tiles_dw1,  # program ids [0, tiles_dx) make dx, the next tiles_dw1 dw1, the rest dw2
     HAS_DB1: tl.constexpr, HAS_DB2: tl.constexpr,
+    DX_ACTIVATION: tl.constexpr,  # "none", or the activation whose output x is: dx becomes act'(dh @ w1)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of dx = dh @ w1, dw1 = dhᵀ @ x (+ db1) or dw2 = dzᵀ @ h (+ db2), by program id."""
+    """One tile of dx = dh @ w1 (times the derivative of the activation that made x, in a deeper MLP),
+    dw1 = dhᵀ @ x (+ db1) or dw2 = dzᵀ @ h (+ db2), by program id."""
     pid = tl.program_id(0)
     if pid < tiles_dx:
-        gemm_tile(dh_ptr, n_hidden, 1, w1_ptr, stride_w1_row, stride_w1_col, dx_ptr, n_in, 1, dx_ptr,
-                  n_rows, n_in, n_hidden, pid, False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if DX_ACTIVATION == "none":
+            gemm_tile(dh_ptr, n_hidden, 1, w1_ptr, stride_w1_row, stride_w1_col, dx_ptr, n_in, 1, dx_ptr,
+                      n_rows, n_in, n_hidden, pid, False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        else:
+            acc, _, rm, rn, _ = tile_product(dh_ptr, n_hidden, 1, w1_ptr, stride_w1_row, stride_w1_col,
+                                             n_rows, n_in, n_hidden, pid, False, tl.float32,
+                                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            mask = (rm < n_rows)[:, None] & (rn < n_in)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * stride_x_row + rn[None, :] * stride_x_col, mask=mask, other=0.0)
+            dx = activation_grad(acc, x, DX_ACTIVATION)
+            tl.store(dx_ptr + rm[:, None] * n_in + rn[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     elif pid < tiles_dx + tiles_dw1:
         gemm_tile(dh_ptr, 1, n_hidden, x_ptr, stride_x_row, stride_x_col, dw1_ptr, n_in, 1, db1_ptr,
                   n_hidden, n_in, n_rows, pid - tiles_dx, HAS_DB1, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
@@ -123,9 +134,12 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
     return dz, dh
 
 
-def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True):
+def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True,
+                       dx_activation=None):
     """Launch 2. Returns ``(dx, dw1, db1, dw2, db2)``, None for what is not asked for. ``need_w1`` makes
-    dw1 (and db1 if ``has_b1``), ``need_w2`` makes dw2 (and db2 if ``has_b2``)."""
+    dw1 (and db1 if ``has_b1``), ``need_w2`` makes dw2 (and db2 if ``has_b2``). ``dx_activation``: x is the
+    output of that activation (a deeper MLP's previous layer), and dx comes back multiplied by its derivative.
+    Without ``need_w2``, ``h`` and ``dz`` are not read (one layer's backward: pass ``dh`` for them)."""
     n_rows, n_in = x.shape
     n_hidden, n_out = h.shape[1], dz.shape[1]
     new = lambda *shape: torch.empty(shape, device=x.device, dtype=x.dtype)  # noqa: E731
@@ -147,7 +161,7 @@ def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=
         n_rows, n_in, n_hidden, n_out,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         tiles_dx, tiles_dw1,
-        HAS_DB1=db1 is not None, HAS_DB2=db2 is not None,
+        HAS_DB1=db1 is not None, HAS_DB2=db2 is not None, DX_ACTIVATION=dx_activation or "none",
         PRECISION=dot_precision(x.dtype, x.device), **cfg,
     )
     return dx, dw1, db1, dw2, db2

@@ -60,9 +60,10 @@ def use_triton(device: torch.device, dtype: torch.dtype | None = None) -> bool:
 
 @functools.cache
 def _kernel_ops():
-    from pyfused.kernels import mlp_backward, mlp_forward
+    from pyfused.kernels import linear_act, mlp_backward, mlp_forward
 
     return types.SimpleNamespace(
+        linear_act=linear_act.linear_act,
         mlp_forward=mlp_forward.mlp_forward,
         mlp_backward_rows=mlp_backward.mlp_backward_rows,
         mlp_backward_grads=mlp_backward.mlp_backward_grads,

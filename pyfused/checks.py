@@ -35,30 +35,42 @@ def check_activation(activation) -> None:
 def check_mlp(x, w1, b1, w2, b2) -> None:
     """Check ``fused_mlp``'s arguments: x (*, in) floating; w1 (hidden, in); w2 (out, hidden); b1 (hidden,)
     and b2 (out,) or None; one dtype and one device for all."""
-    for name, t in (("x", x), ("w1", w1), ("w2", w2)):
-        _tensor(name, t)
+    check_layers(x, (w1, w2), (b1, b2))
+
+
+def check_layers(x, weights, biases) -> None:
+    """Check a chain of layers: x (*, in) floating; weights w1..wL in nn.Linear layout, each taking the previous
+    one's output; biases b1..bL of shape (out_i,) or None; one dtype and one device for all."""
+    names = [f"w{i}" for i in range(1, len(weights) + 1)]
+    _tensor("x", x)
+    for name, w in zip(names, weights):
+        _tensor(name, w)
     if not x.is_floating_point():
         raise DTypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    for name, w in (("w1", w1), ("w2", w2)):
+    for name, w in zip(names, weights):
         if w.dim() != 2:
             raise ShapeError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    w1 = weights[0]
     if x.dim() == 0 or x.shape[-1] != w1.shape[1]:
         raise ShapeError(f"x must have shape (*, {w1.shape[1]}) to match w1 {tuple(w1.shape)}, got {tuple(x.shape)}")
-    hidden, out = w1.shape[0], w2.shape[0]
-    if w2.shape[1] != hidden:
-        raise ShapeError(f"w2 must have shape (out, {hidden}) to match w1 {tuple(w1.shape)}, got {tuple(w2.shape)}")
-    for name, b, n in (("b1", b1, hidden), ("b2", b2, out)):
+    for i in range(1, len(weights)):
+        prev, w = weights[i - 1], weights[i]
+        if w.shape[1] != prev.shape[0]:
+            raise ShapeError(f"{names[i]} must have shape (out, {prev.shape[0]}) to match {names[i - 1]} "
+                             f"{tuple(prev.shape)}, got {tuple(w.shape)}")
+    for i, (w, b) in enumerate(zip(weights, biases), 1):
         if b is not None:
-            _tensor(name, b)
-            if tuple(b.shape) != (n,):
-                raise ShapeError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise DTypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-        if t.device != x.device:
-            raise DeviceError(f"{name} must be on x's device {x.device}, got {t.device}")
+            _tensor(f"b{i}", b)
+            if tuple(b.shape) != (w.shape[0],):
+                raise ShapeError(f"b{i} must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+    for i, (w, b) in enumerate(zip(weights, biases), 1):
+        for name, t in ((f"w{i}", w), (f"b{i}", b)):
+            if t is None:
+                continue
+            if t.dtype != x.dtype:
+                raise DTypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+            if t.device != x.device:
+                raise DeviceError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def check_target(x, target, n_out, reduction, ignore_index) -> None:

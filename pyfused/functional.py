@@ -14,13 +14,15 @@ import torch
 from pyfused import backend, checks
 
 
-def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, activation, **grad):
+def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, activation, dx_activation=None, **grad):
     """(dx, dw1, db1, dw2, db2) from the backend ``ops``; ``grad`` is ``dy=, y=`` or ``dlogits=, scale=``.
-    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2); ``h`` is the ``activation``'s output."""
+    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2); ``h`` is the ``activation``'s output;
+    with ``dx_activation`` x is that activation's output and dx its pre-activation gradient (deeper MLPs)."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs[:5]
     dz, dh = ops.mlp_backward_rows(h, w2, need_dh=need_x or need_w1 or need_b1, activation=activation, **grad)
     return ops.mlp_backward_grads(x, w1, h, dz, dh, need_dx=need_x, need_w1=need_w1 or need_b1,
-                                  need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2)
+                                  need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2,
+                                  dx_activation=dx_activation)
 
 
 def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h, activation):
@@ -123,4 +125,82 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
                                          activation)[0]
     else:
         loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction, activation)
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+class _DeepMLP(torch.autograd.Function):
+    """L ≥ 3 layers: ``linear_act`` for layers 1..L−2, then the fused two-layer head (forward + log_softmax, or
+    + NLL with ``target``). Backward: the head's two launches, whose dx already carries the derivative of the
+    activation before it, then one grouped gradient launch per earlier layer (its dx likewise)."""
+
+    @staticmethod
+    def forward(ctx, x, target, ignore_index, reduction, activations, *params):
+        ops = backend.mlp_ops(x.device, x.dtype)
+        ws, bs = params[0::2], params[1::2]
+        grads = any(ctx.needs_input_grad)
+        xs = [x]
+        for w, b, act in zip(ws[:-2], bs[:-2], activations[:-1]):
+            xs.append(ops.linear_act(xs[-1], w, b, act))
+        head = (xs[-1], ws[-2], bs[-2], ws[-1], bs[-1])
+        if target is None:
+            out, h, _, _ = ops.mlp_forward(*head, store_h=grads, activation=activations[-1])
+            g, count = out, None
+        else:
+            out, g, h, count = nll_forward(ops, *head, target, ignore_index, reduction, grads, activations[-1])
+            out = out.to(x.dtype)
+        if grads:
+            ctx.ops, ctx.activations, ctx.count, ctx.loss = ops, activations, count, target is not None
+            ctx.has_bias = [b is not None for b in bs]
+            ctx.save_for_backward(h, g, *xs, *ws)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        ops, acts, has_bias = ctx.ops, ctx.activations, ctx.has_bias
+        h, g, *rest = ctx.saved_tensors
+        n_body = len(acts) - 1
+        xs, ws = rest[:n_body + 1], rest[n_body + 1:]
+        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        grad = dict(dlogits=g, scale=row_scale(dout, ctx.count)) if ctx.loss else dict(dy=dout, y=g)
+        dx, *grads = mlp_backward(ops, xs[-1], ws[-2], ws[-1], h, (need_x or any(need[:-4]), *need[-4:]),
+                                  has_bias[-2], has_bias[-1], acts[-1], dx_activation=acts[-2], **grad)
+        for i in reversed(range(n_body)):  # dx is the gradient of layer i's pre-activation
+            if dx is None:  # nothing before this layer needs a gradient
+                grads = [None, None, *grads]
+                continue
+            need_dx = need_x or any(need[:2 * i])
+            dx, dw, db, _, _ = ops.mlp_backward_grads(
+                xs[i], ws[i], dx, dx, dx, need_dx=need_dx, need_w1=need[2 * i] or need[2 * i + 1], need_w2=False,
+                has_b1=has_bias[i], has_b2=False, dx_activation=acts[i - 1] if i > 0 else None)
+            grads = [dw, db, *grads]
+        return (dx, None, None, None, None, *grads)
+
+
+def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean", ignore_index=-100):
+    """``log_softmax`` of an MLP of L = len(weights) ≥ 2 nn.Linear layers, with ``activations[i]`` after layer
+    i + 1 (L − 1 of them, each "relu" or "sigmoid"); with ``target`` the fused NLL loss instead, as
+    :func:`fused_mlp_nll`. ``biases[i]`` may be None. Two layers are :func:`fused_mlp` / :func:`fused_mlp_nll`;
+    deeper ones run their first L − 2 layers through ``linear_act`` and end with the same fused head.
+    Differentiable in x and every weight and bias. Not registered as a torch.library op: under torch.compile
+    it runs as an opaque autograd.Function (a graph break).
+    """
+    weights, biases, activations = tuple(weights), tuple(biases), tuple(activations)
+    if len(weights) < 2 or len(biases) != len(weights) or len(activations) != len(weights) - 1:
+        raise ValueError(f"need L >= 2 weights, L biases (None allowed) and L - 1 activations, got "
+                         f"{len(weights)}, {len(biases)} and {len(activations)}")
+    checks.check_layers(x, weights, biases)
+    for activation in activations:
+        checks.check_activation(activation)
+    if len(weights) == 2:
+        args = (x, weights[0], biases[0], weights[1], biases[1])
+        if target is None:
+            return fused_mlp(*args, activation=activations[0])
+        return fused_mlp_nll(*args, target, reduction=reduction, ignore_index=ignore_index, activation=activations[0])
+    out_features = weights[-1].shape[0]
+    params = [t for pair in zip(weights, biases) for t in pair]
+    if target is None:
+        y = _DeepMLP.apply(_flat(x), None, ignore_index, reduction, activations, *params)
+        return y.view(*x.shape[:-1], out_features)
+    checks.check_target(x, target, out_features, reduction, ignore_index)
+    loss = _DeepMLP.apply(_flat(x), target.reshape(-1), ignore_index, reduction, activations, *params)
     return loss.view(target.shape) if reduction == "none" else loss

@@ -75,6 +75,9 @@ MLP_KERNELS = {  # variant: (module in pyfused.kernels, kernel attribute, what t
     "rows": ("mlp_backward", "mlp_backward_rows_kernel", "dz, dh from dy through log_softmax"),
     "grads": ("mlp_backward", "mlp_backward_grads_kernel", "dw1, db1, dw2, db2 (x without grad)"),
     "grads_dx": ("mlp_backward", "mlp_backward_grads_kernel", "dx, dw1, db1, dw2, db2"),
+    "grads_dx_act": ("mlp_backward", "mlp_backward_grads_kernel",
+                     "DeepFusedMLP: dx with the previous layer's activation derivative, dw1, db1, dw2, db2"),
+    "linear_act": ("linear_act", "linear_act_kernel", "DeepFusedMLP hidden layer: act(x w1ᵀ + b1)"),
 }
 SGD_KERNELS = {
     "sgd": ("sgd", "sgd_kernel", "momentum SGD over the model's parameters (float lr)"),
@@ -88,7 +91,9 @@ STEP_KERNELS = {
     "step_update": ("train_step", "step_update_kernel", "FusedTrainStep update-only pass after accumulation"),
 }
 SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
-ACTIVATION_KERNELS = ("forward_loss", "forward", "forward_eval", "rows_loss", "rows", "step_rows")
+ACTIVATION_KERNELS = ("forward_loss", "forward", "forward_eval", "rows_loss", "rows", "step_rows", "grads_dx_act",
+                      "linear_act")
+DEEP_KERNELS = ("linear_act", "grads_dx_act")  # what DeepFusedMLP adds to the two-layer kernels
 # the kernels of a seed step: module path, FusedTrainStep, and FusedTrainStep accumulating / data-parallel
 SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads", "step_accumulate",
                 "step_update")
@@ -190,7 +195,10 @@ def _call_launcher(case: Case, module) -> None:
             module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out), activation=case.activation)
     elif k.startswith("grads"):
         module.mlp_backward_grads(x, w1, t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden),
-                                  need_dx=k == "grads_dx", has_b1=case.bias, has_b2=case.bias)
+                                  need_dx=k != "grads", has_b1=case.bias, has_b2=case.bias,
+                                  dx_activation=case.activation if k == "grads_dx_act" else None)
+    elif k == "linear_act":
+        module.linear_act(x, w1, b1, case.activation)
     elif k.startswith("step"):
         h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
         stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=torch.float32)

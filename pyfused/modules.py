@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from pyfused import checks
-from pyfused.functional import fused_mlp, fused_mlp_nll
+from pyfused.functional import fused_deep_mlp, fused_mlp, fused_mlp_nll
 
 
 class FusedMLP(nn.Module):
@@ -66,3 +66,49 @@ class FusedMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, hidden_features={self.hidden_features}, " \
                f"out_features={self.out_features}, bias={self.fc1.bias is not None}, activation={self.activation!r}"
+
+
+class DeepFusedMLP(nn.Module):
+    """``log_softmax(fcL(act(... act(fc1(x)))))``: an MLP of any depth through the fused kernels.
+
+    ``DeepFusedMLP(in, h1, ..., out, activation="relu", bias=True, device=None, dtype=None)`` makes
+    ``fc1 = nn.Linear(in, h1, bias)``, ``fc2``, ... ``fcL`` in order (so the same init as the nn.Linear layers
+    of an nn.Sequential under one ``torch.manual_seed``), with ``activation`` after every layer but the last:
+    one name for all, or one per hidden layer (e.g. the course's ``DeepFusedMLP(20, 13, 8, 3,
+    activation=("relu", "sigmoid"))``). Two layers are exactly a :class:`FusedMLP` (same names, same kernels).
+    """
+
+    def __init__(self, *features: int, activation="relu", bias: bool = True, device=None, dtype=None) -> None:
+        if len(features) < 3:
+            raise ValueError(f"DeepFusedMLP needs in, at least one hidden and out features, got {features}")
+        hidden_layers = len(features) - 2
+        activations = (activation,) * hidden_layers if isinstance(activation, str) else tuple(activation)
+        if len(activations) != hidden_layers:
+            raise ValueError(f"activation must be one name or one per hidden layer ({hidden_layers}), "
+                             f"got {len(activations)}")
+        for name in activations:
+            checks.check_activation(name)
+        super().__init__()
+        for i, (n_in, n_out) in enumerate(zip(features, features[1:]), 1):
+            setattr(self, f"fc{i}", nn.Linear(n_in, n_out, bias, device=device, dtype=dtype))
+        self.activations = activations
+
+    def linears(self) -> list:
+        """fc1 ... fcL."""
+        return [getattr(self, f"fc{i}") for i in range(1, len(self.activations) + 2)]
+
+    def _params(self):
+        layers = self.linears()
+        return [fc.weight for fc in layers], [fc.bias for fc in layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (*, out) for x of shape (*, in)."""
+        return fused_deep_mlp(x, *self._params(), self.activations)
+
+    def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+                 ignore_index: int = -100) -> torch.Tensor:
+        """``F.nll_loss(self(x), target, ...)`` with the loss fused into the last two layers' kernel."""
+        return fused_deep_mlp(x, *self._params(), self.activations, target, reduction, ignore_index)
+
+    def extra_repr(self) -> str:
+        return f"activations={self.activations}"

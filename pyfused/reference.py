@@ -8,16 +8,21 @@ gradients that are asked for.
 import torch
 
 
+def linear_act(x, w, b, activation):
+    """Twin of :func:`pyfused.kernels.linear_act.linear_act`: ``act(x @ wᵀ + b)``."""
+    h = torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+    return h.relu_() if activation == "relu" else h.sigmoid_()
+
+
 def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=True, store_y=True,
                 activation="relu"):
     """Twin of :func:`pyfused.kernels.mlp_forward.mlp_forward`: ``(y, h, nll, dz)`` for 2-D x.
 
-    h = act(x @ w1ᵀ + b1) (relu or sigmoid); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when t_i is ignored);
-    dz = softmax(z) − onehot(t) with zero rows where t is ignored; nll in float32 (float64 for float64). Targets out of range must be rejected
-    before this is called.
+    h = act(x @ w1ᵀ + b1) (relu or sigmoid); z = h @ w2ᵀ + b2; y = log_softmax(z); nll_i = −y[i, t_i] (0 when
+    t_i is ignored); dz = softmax(z) − onehot(t) with zero rows where t is ignored; nll in float32 (float64 for
+    float64). Targets out of range must be rejected before this is called.
     """
-    h = torch.addmm(b1, x, w1.t()) if b1 is not None else torch.mm(x, w1.t())
-    h.relu_() if activation == "relu" else h.sigmoid_()
+    h = linear_act(x, w1, b1, activation)
     z = torch.addmm(b2, h, w2.t()) if b2 is not None else torch.mm(h, w2.t())
     y = torch.log_softmax(z, dim=1)
     nll = dz = None
@@ -55,12 +60,16 @@ def activation_backward(g, h, activation):
     return torch.ops.aten.sigmoid_backward.grad_input(g, h, grad_input=g)
 
 
-def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True):
+def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=True, has_b1=True, has_b2=True,
+                       dx_activation=None):
     """Twin of :func:`pyfused.kernels.mlp_backward.mlp_backward_grads`: ``(dx, dw1, db1, dw2, db2)``.
 
-    dx = dh @ w1; dw1 = dhᵀ @ x; db1 = Σ_rows dh; dw2 = dzᵀ @ h; db2 = Σ_rows dz.
+    dx = dh @ w1 (then ``act'`` of ``dx_activation``, read off x, when given); dw1 = dhᵀ @ x; db1 = Σ_rows dh;
+    dw2 = dzᵀ @ h; db2 = Σ_rows dz.
     """
     dx = torch.mm(dh, w1) if need_dx else None
+    if dx is not None and dx_activation is not None:
+        activation_backward(dx, x, dx_activation)
     dw1 = torch.mm(dh.t(), x) if need_w1 else None
     db1 = dh.sum(0) if need_w1 and has_b1 else None
     dw2 = torch.mm(dz.t(), h) if need_w2 else None

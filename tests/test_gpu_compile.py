@@ -12,7 +12,7 @@ import triton
 
 from pyfused import gpu_compile as gc
 
-SEED = gc.seed_cases()
+SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS)
 SAMPLE = [  # the extremes of the sweep: fp32 IEEE (FMA, no tensor cores) and bf16 (mma / wgmma)
     gc.Case(kernel, arch, mode, True, *shape)
     for kernel in ("forward_loss", "rows_loss", "grads")
