@@ -128,26 +128,49 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     return loss.view(target.shape) if reduction == "none" else loss
 
 
+def deep_forward(ops, x, target, ignore_index, reduction, activations, ws, bs, store):
+    """A deep MLP's forward: ``linear_act`` for layers 1..L−2, then the fused two-layer head (log_softmax, or
+    the NLL with ``target``). Returns ``(out, h, g, xs, count)``: log-probabilities or the reduced loss (x's
+    dtype); the head's hidden activations (``store``); y or the logit gradient; the layers' inputs
+    ``[x, h_1, ..., h_{L−2}]``; the counted rows for "mean" (else None)."""
+    xs = [x]
+    for w, b, act in zip(ws[:-2], bs[:-2], activations[:-1]):
+        xs.append(ops.linear_act(xs[-1], w, b, act))
+    head = (xs[-1], ws[-2], bs[-2], ws[-1], bs[-1])
+    if target is None:
+        out, h, _, _ = ops.mlp_forward(*head, store_h=store, activation=activations[-1])
+        return out, h, out, xs, None
+    out, g, h, count = nll_forward(ops, *head, target, ignore_index, reduction, store, activations[-1])
+    return out.to(x.dtype), h, g, xs, count
+
+
+def deep_backward(ops, dout, h, g, xs, ws, count, loss, activations, has_bias, need_x, need):
+    """``(dx, dw1, db1, ..., dwL, dbL)`` of :func:`deep_forward` (None where not made): the head's two launches,
+    whose dx already carries the derivative of the activation before it, then one grouped gradient launch per
+    earlier layer (its dx likewise). ``need`` holds the flags of (w1, b1, ..., wL, bL)."""
+    grad = dict(dlogits=g, scale=row_scale(dout, count)) if loss else dict(dy=dout, y=g)
+    dx, *grads = mlp_backward(ops, xs[-1], ws[-2], ws[-1], h, (need_x or any(need[:-4]), *need[-4:]),
+                              has_bias[-2], has_bias[-1], activations[-1], dx_activation=activations[-2], **grad)
+    for i in reversed(range(len(ws) - 2)):  # dx is the gradient of layer i's pre-activation
+        if dx is None:  # nothing before this layer needs a gradient
+            grads = [None, None, *grads]
+            continue
+        dx, dw, db, _, _ = ops.mlp_backward_grads(
+            xs[i], ws[i], dx, dx, dx, need_dx=need_x or any(need[:2 * i]), need_w1=need[2 * i] or need[2 * i + 1],
+            need_w2=False, has_b1=has_bias[i], has_b2=False, dx_activation=activations[i - 1] if i > 0 else None)
+        grads = [dw, db, *grads]
+    return (dx, *grads)
+
+
 class _DeepMLP(torch.autograd.Function):
-    """L ≥ 3 layers: ``linear_act`` for layers 1..L−2, then the fused two-layer head (forward + log_softmax, or
-    + NLL with ``target``). Backward: the head's two launches, whose dx already carries the derivative of the
-    activation before it, then one grouped gradient launch per earlier layer (its dx likewise)."""
+    """:func:`deep_forward` / :func:`deep_backward` for eager calls; params are (w1, b1, ..., wL, bL)."""
 
     @staticmethod
     def forward(ctx, x, target, ignore_index, reduction, activations, *params):
         ops = backend.mlp_ops(x.device, x.dtype)
         ws, bs = params[0::2], params[1::2]
         grads = any(ctx.needs_input_grad)
-        xs = [x]
-        for w, b, act in zip(ws[:-2], bs[:-2], activations[:-1]):
-            xs.append(ops.linear_act(xs[-1], w, b, act))
-        head = (xs[-1], ws[-2], bs[-2], ws[-1], bs[-1])
-        if target is None:
-            out, h, _, _ = ops.mlp_forward(*head, store_h=grads, activation=activations[-1])
-            g, count = out, None
-        else:
-            out, g, h, count = nll_forward(ops, *head, target, ignore_index, reduction, grads, activations[-1])
-            out = out.to(x.dtype)
+        out, h, g, xs, count = deep_forward(ops, x, target, ignore_index, reduction, activations, ws, bs, grads)
         if grads:
             ctx.ops, ctx.activations, ctx.count, ctx.loss = ops, activations, count, target is not None
             ctx.has_bias = [b is not None for b in bs]
@@ -156,24 +179,12 @@ class _DeepMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        ops, acts, has_bias = ctx.ops, ctx.activations, ctx.has_bias
         h, g, *rest = ctx.saved_tensors
-        n_body = len(acts) - 1
-        xs, ws = rest[:n_body + 1], rest[n_body + 1:]
-        need_x, need = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
-        grad = dict(dlogits=g, scale=row_scale(dout, ctx.count)) if ctx.loss else dict(dy=dout, y=g)
-        dx, *grads = mlp_backward(ops, xs[-1], ws[-2], ws[-1], h, (need_x or any(need[:-4]), *need[-4:]),
-                                  has_bias[-2], has_bias[-1], acts[-1], dx_activation=acts[-2], **grad)
-        for i in reversed(range(n_body)):  # dx is the gradient of layer i's pre-activation
-            if dx is None:  # nothing before this layer needs a gradient
-                grads = [None, None, *grads]
-                continue
-            need_dx = need_x or any(need[:2 * i])
-            dx, dw, db, _, _ = ops.mlp_backward_grads(
-                xs[i], ws[i], dx, dx, dx, need_dx=need_dx, need_w1=need[2 * i] or need[2 * i + 1], need_w2=False,
-                has_b1=has_bias[i], has_b2=False, dx_activation=acts[i - 1] if i > 0 else None)
-            grads = [dw, db, *grads]
-        return (dx, None, None, None, None, *grads)
+        n_layers = len(ctx.has_bias)
+        xs, ws = rest[:n_layers - 1], rest[n_layers - 1:]
+        grads = deep_backward(ctx.ops, dout, h, g, xs, ws, ctx.count, ctx.loss, ctx.activations, ctx.has_bias,
+                              ctx.needs_input_grad[0], ctx.needs_input_grad[5:])
+        return (grads[0], None, None, None, None, *grads[1:])
 
 
 def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean", ignore_index=-100):
@@ -181,8 +192,7 @@ def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean
     i + 1 (L − 1 of them, each "relu" or "sigmoid"); with ``target`` the fused NLL loss instead, as
     :func:`fused_mlp_nll`. ``biases[i]`` may be None. Two layers are :func:`fused_mlp` / :func:`fused_mlp_nll`;
     deeper ones run their first L − 2 layers through ``linear_act`` and end with the same fused head.
-    Differentiable in x and every weight and bias. Not registered as a torch.library op: under torch.compile
-    it runs as an opaque autograd.Function (a graph break).
+    Differentiable in x and every weight and bias; under torch.compile the opaque op ``pyfused::deep_mlp``.
     """
     weights, biases, activations = tuple(weights), tuple(biases), tuple(activations)
     if len(weights) < 2 or len(biases) != len(weights) or len(activations) != len(weights) - 1:
@@ -197,10 +207,15 @@ def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean
             return fused_mlp(*args, activation=activations[0])
         return fused_mlp_nll(*args, target, reduction=reduction, ignore_index=ignore_index, activation=activations[0])
     out_features = weights[-1].shape[0]
-    params = [t for pair in zip(weights, biases) for t in pair]
+    if target is not None:
+        checks.check_target(x, target, out_features, reduction, ignore_index)
+        target_shape, target = target.shape, target.reshape(-1)
+    if torch.compiler.is_compiling():
+        out = torch.ops.pyfused.deep_mlp(_flat(x), target, ignore_index, reduction, ",".join(activations), weights,
+                                         [x.new_empty(0) if b is None else b for b in biases])[0]
+    else:
+        params = [t for pair in zip(weights, biases) for t in pair]
+        out = _DeepMLP.apply(_flat(x), target, ignore_index, reduction, activations, *params)
     if target is None:
-        y = _DeepMLP.apply(_flat(x), None, ignore_index, reduction, activations, *params)
-        return y.view(*x.shape[:-1], out_features)
-    checks.check_target(x, target, out_features, reduction, ignore_index)
-    loss = _DeepMLP.apply(_flat(x), target.reshape(-1), ignore_index, reduction, activations, *params)
-    return loss.view(target.shape) if reduction == "none" else loss
+        return out.view(*x.shape[:-1], out_features)
+    return out.view(target_shape) if reduction == "none" else out

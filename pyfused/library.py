@@ -1,7 +1,8 @@
 """``torch.library`` registration of the fused ops, for ``torch.compile(fullgraph=True)`` and ``opcheck``.
 
-``pyfused::mlp``, ``pyfused::mlp_nll`` and ``pyfused::mlp_backward`` are opaque custom ops with fake
-(meta) implementations and autograd formulas; their real implementations call the same backend functions as
+``pyfused::mlp``, ``pyfused::mlp_nll`` and ``pyfused::mlp_backward`` (and ``pyfused::deep_mlp`` with
+``pyfused::deep_mlp_backward`` for more layers) are opaque custom ops with fake (meta) implementations and
+autograd formulas; their real implementations call the same backend functions as
 the eager autograd.Functions of :mod:`pyfused.functional`. Inputs are 2-D ``x`` (rows, in).
 The backward op returns all five gradients; those not asked for come back as empty tensors (a custom op
 cannot return None).
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from pyfused import backend
-from pyfused.functional import mlp_backward, nll_forward, row_scale
+from pyfused.functional import deep_backward, deep_forward, mlp_backward, nll_forward, row_scale
 
 
 @torch.library.custom_op("pyfused::mlp", mutates_args=())
@@ -103,3 +104,76 @@ def _nll_backward(ctx, dloss, _ddlogits, _dh, _dcount):
 
 mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 mlp_nll.register_autograd(_nll_backward, setup_context=_nll_setup)
+
+
+# ---------------------------------------------------------------- MLPs of any depth (DeepFusedMLP)
+# Absent biases are empty tensors and the activations one comma-separated string: a list of optional tensors
+# or of strings does not pass through the op's autograd as a flat list of tensors.
+
+@torch.library.custom_op("pyfused::deep_mlp", mutates_args=())
+def deep_mlp(x: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str, activations: str,
+             weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
+    """(out, h, logit gradient — empty without target —, outputs of layers 1..L−2, count — empty unless a
+    "mean" loss): :func:`pyfused.functional.deep_forward`."""
+    out, h, g, xs, count = deep_forward(backend.mlp_ops(x.device, x.dtype), x, target, ignore_index, reduction,
+                                        activations.split(","), weights, [b if b.numel() else None for b in biases],
+                                        True)
+    return (out, h, x.new_empty(0) if target is None else g, xs[1:],
+            x.new_empty(0, dtype=torch.int64) if count is None else count)
+
+
+@deep_mlp.register_fake
+def _(x, target, ignore_index, reduction, activations, weights, biases):
+    rows, n_out = x.shape[0], weights[-1].shape[0]
+    if target is None:
+        out = x.new_empty(rows, n_out)
+    else:
+        out = x.new_empty(rows if reduction == "none" else ())
+    count = x.new_empty(() if target is not None and reduction == "mean" else 0, dtype=torch.int64)
+    return (out, x.new_empty(rows, weights[-2].shape[0]), x.new_empty(0 if target is None else (rows, n_out)),
+            [x.new_empty(rows, w.shape[0]) for w in weights[:-2]], count)
+
+
+@torch.library.custom_op("pyfused::deep_mlp_backward", mutates_args=())
+def deep_mlp_backward(dout: Tensor, h: Tensor, g: Tensor, xs: list[Tensor], weights: list[Tensor], count: Tensor,
+                      loss: bool, activations: str, has_bias: list[bool], needs: list[bool]) -> list[Tensor]:
+    """[dx, dw1, db1, ..., dwL, dbL] (empty tensors for those not made): :func:`~pyfused.functional.deep_backward`;
+    ``needs`` are the flags of (x, w1, b1, ..., wL, bL)."""
+    grads = deep_backward(backend.mlp_ops(h.device, h.dtype), dout, h, g, xs, weights,
+                          count if count.dim() == 0 else None, loss, activations.split(","), has_bias, needs[0],
+                          needs[1:])
+    return [h.new_empty(0) if t is None else t for t in grads]
+
+
+@deep_mlp_backward.register_fake
+def _(dout, h, g, xs, weights, count, loss, activations, has_bias, needs):
+    shapes = [xs[0].shape if needs[0] else (0,)]
+    for i, w in enumerate(weights):
+        made = needs[1 + 2 * i] or needs[2 + 2 * i]
+        shapes += [w.shape if made else (0,), (w.shape[0],) if made and has_bias[i] else (0,)]
+    return [h.new_empty(s) for s in shapes]
+
+
+def _deep_setup(ctx, inputs, output):
+    x, target, _, _, activations, weights, biases = inputs
+    out, h, g, hidden, count = output
+    ctx.loss, ctx.activations = target is not None, activations
+    ctx.has_bias = [b.numel() > 0 for b in biases]
+    ctx.needs = [x.requires_grad] + [t.requires_grad for pair in zip(weights, biases) for t in pair]
+    ctx.save_for_backward(h, g if ctx.loss else out, count, x, *hidden, *weights)
+
+
+def _deep_backward(ctx, dout, _dh, _dg, _dhidden, _dcount):
+    h, g, count, *rest = ctx.saved_tensors
+    n_layers = len(ctx.has_bias)
+    xs, weights = rest[:n_layers - 1], rest[n_layers - 1:]
+    grads = deep_mlp_backward(dout, h, g, list(xs), list(weights), count, ctx.loss, ctx.activations, ctx.has_bias,
+                              ctx.needs)
+    dx, dws, dbs = grads[0], grads[1::2], grads[2::2]
+    # a list input takes a list of tensors back: zeros (never used) for the parameters that need no gradient
+    dws = [dw if dw.numel() else torch.zeros_like(w) for dw, w in zip(dws, weights)]
+    dbs = [db if db.numel() or not has else db.new_zeros(w.shape[0]) for db, w, has in zip(dbs, weights, ctx.has_bias)]
+    return dx if ctx.needs[0] else None, None, None, None, None, dws, dbs
+
+
+deep_mlp.register_autograd(_deep_backward, setup_context=_deep_setup)

@@ -154,3 +154,37 @@ def test_errors_name_the_problem():
         pyfused.fused_deep_mlp(x, weights, biases, ("relu",))
     with pytest.raises(IndexError, match="target 3 is out of bounds"):
         model.nll_loss(x, torch.tensor([0, 3]))
+
+
+def test_opcheck(backend):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g).to(DEVICE).requires_grad_()
+    target = torch.tensor([0, 2, -100, 1], device=DEVICE)
+    for bias in (True, False):
+        model = pyfused.DeepFusedMLP(6, 7, 5, 3, activation=("relu", "sigmoid"), bias=bias, device=DEVICE)
+        weights = [fc.weight for fc in model.linears()]
+        biases = [fc.bias if bias else torch.empty(0, device=DEVICE) for fc in model.linears()]
+        for t, reduction in ((None, "mean"), (target, "mean"), (target, "sum"), (target, "none")):
+            torch.library.opcheck(torch.ops.pyfused.deep_mlp.default,
+                                  (x, t, -100, reduction, "relu,sigmoid", weights, biases))
+
+
+def test_torch_compile_fullgraph(backend):
+    """Compiled (fullgraph, aot_eager) loss and gradients equal eager ones, also with the first layer frozen."""
+    model, _ = make("course-20-13-8-3", True)
+    x, target = data(20, 3, (9,))
+    x.requires_grad_()
+
+    def loss_fn(x, t):
+        return model.nll_loss(x, t) + model(x).exp().sum() * 0.01
+
+    compiled_fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for frozen in (False, True):
+        model.fc1.requires_grad_(not frozen)
+        trainable = [x] + [p for p in model.parameters() if p.requires_grad]
+        results = []
+        for fn in (loss_fn, compiled_fn):
+            loss = fn(x, target)
+            results.append([loss, *torch.autograd.grad(loss, trainable)])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
