@@ -1,7 +1,7 @@
-"""Fused MLP forward: linear → ReLU → linear → log_softmax (→ NLL and its logit gradient), one launch.
+"""Fused MLP forward: linear → activation → linear → log_softmax (→ NLL and its logit gradient), one launch.
 
 Each program owns ``BLOCK_M`` rows of ``x`` and walks the hidden layer in ``BLOCK_H`` slices. A slice of
-``h = relu(x @ w1ᵀ + b1)`` is accumulated over ``in`` in ``BLOCK_K`` steps, rounded to the input dtype (as
+``h = act(x @ w1ᵀ + b1)`` (relu or sigmoid, :mod:`pyfused.kernels.activation`) is accumulated over ``in`` in ``BLOCK_K`` steps, rounded to the input dtype (as
 PyTorch does between layers), optionally stored for backward, and at once multiplied into the logit
 accumulator ``z += h_slice @ w2[:, slice]ᵀ``; the logits never leave the chip. The row-wise log_softmax
 is the epilogue. For the loss, the epilogue also writes ``nll_i = −y[i, t_i]`` and the logit gradient
@@ -9,7 +9,8 @@ is the epilogue. For the loss, the epilogue also writes ``nll_i = −y[i, t_i]``
 is only the weight and input gradients.
 
 A layer is one loop of the same shape (accumulate over the previous width, bias, activation, feed the next
-accumulator), so a deeper MLP chains more of these loops; the two-layer kernel is its first instance.
+accumulator); a deeper MLP (``DeepFusedMLP``) runs its earlier layers through
+:mod:`pyfused.kernels.linear_act` and ends with this kernel as its head.
 
 Memory (B rows, dtype size s): reads B·in·s once per hidden slice (hidden/BLOCK_H passes, the later ones from
 L2), the weights once per program; writes B·hidden·s for h (if saved) and B·out·s for y (or 4B + B·out·s for

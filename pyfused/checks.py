@@ -28,7 +28,9 @@ def _tensor(name, t):
 
 
 def check_activation(activation) -> None:
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, one of {ACTIVATIONS}, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 

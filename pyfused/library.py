@@ -114,7 +114,9 @@ mlp_nll.register_autograd(_nll_backward, setup_context=_nll_setup)
 def deep_mlp(x: Tensor, target: Optional[Tensor], ignore_index: int, reduction: str, activations: str,
              weights: list[Tensor], biases: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
     """(out, h, logit gradient — empty without target —, outputs of layers 1..L−2, count — empty unless a
-    "mean" loss): :func:`pyfused.functional.deep_forward`."""
+    "mean" loss): :func:`pyfused.functional.deep_forward`, for L ≥ 3 layers."""
+    if len(weights) < 3:
+        raise ValueError(f"pyfused::deep_mlp takes 3 or more layers (use pyfused::mlp), got {len(weights)}")
     out, h, g, xs, count = deep_forward(backend.mlp_ops(x.device, x.dtype), x, target, ignore_index, reduction,
                                         activations.split(","), weights, [b if b.numel() else None for b in biases],
                                         True)

@@ -17,6 +17,8 @@ class FusedMLP(nn.Module):
     The activation has no parameters and is not in the state_dict.
     """
 
+    activation = "relu"  # the default, also for FusedMLPs pickled before the attribute existed
+
     def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool = True,
                  device=None, dtype=None, *, activation: str = "relu") -> None:
         checks.check_activation(activation)
@@ -75,7 +77,8 @@ class DeepFusedMLP(nn.Module):
     ``fc1 = nn.Linear(in, h1, bias)``, ``fc2``, ... ``fcL`` in order (so the same init as the nn.Linear layers
     of an nn.Sequential under one ``torch.manual_seed``), with ``activation`` after every layer but the last:
     one name for all, or one per hidden layer (e.g. the course's ``DeepFusedMLP(20, 13, 8, 3,
-    activation=("relu", "sigmoid"))``). Two layers are exactly a :class:`FusedMLP` (same names, same kernels).
+    activation=("relu", "sigmoid"))``). With two layers it computes what a :class:`FusedMLP` does, with the same
+    parameter names and kernels (FusedTrainStep takes FusedMLP only).
     """
 
     def __init__(self, *features: int, activation="relu", bias: bool = True, device=None, dtype=None) -> None:

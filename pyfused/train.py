@@ -64,7 +64,8 @@ It loads into any module with nn.Linear attributes fc1 and fc2, e.g. the seed's 
 
     net = Net(); net.load_state_dict(torch.load("model.pt"))
 
-or into pyfused.FusedMLP(784, 128, 10, bias=False).
+or into pyfused.FusedMLP(784, 128, 10, bias=False). With --activation sigmoid, use F.sigmoid there and
+pyfused.FusedMLP(..., activation="sigmoid"): the state_dict does not record the activation.
 
 Gradient accumulation (--accumulate K): each SGD step uses the mean of the mean-loss gradients of K
 consecutive batches (the eager loop: loss / K, backward, step and zero_grad every K batches). The batches left

@@ -36,7 +36,7 @@ class TorchStepPath:
         return aliases
 
     def _torch_forward(self, x, target):
-        """h = relu(x @ w1ᵀ + b1), z = h @ w2ᵀ + b2 and y = log_softmax(z) with ATen ops into the workspace
+        """h = act(x @ w1ᵀ + b1), z = h @ w2ᵀ + b2 and y = log_softmax(z) with ATen ops into the workspace
         (kept for the next call of the same batch size); returns (aliases, x and target as the ops take them,
         workspace)."""
         w1, b1, w2, b2, w1t, w2t = aliases = self._aliases()
@@ -57,7 +57,7 @@ class TorchStepPath:
 
     def _torch_rows(self, grad, target, count, reduction, w2, ws):
         """dz = (softmax − onehot) · (the nll gradient of ``grad`` under ``reduction``) and
-        dh = (dz @ w2) ⊙ [h > 0], into the workspace."""
+        dh = act'(dz @ w2) (from h), into the workspace."""
         h, _, y, dy, dz, dh = ws[:6]
         _aten.nll_loss_backward.grad_input(grad, y, target, None, reduction, self.ignore_index, count, grad_input=dy)
         _aten._log_softmax_backward_data.out(dy, y, 1, y.dtype, out=dz)

@@ -65,5 +65,5 @@ def test_bad_activation(args):
     kw, _ = args
     with pytest.raises(ValueError, match="activation must be one of"):
         pyfused.fused_mlp(**kw, activation="Sigmoid")
-    with pytest.raises(ValueError, match="activation must be one of"):
+    with pytest.raises(TypeError, match="activation must be a str"):
         pyfused.FusedMLP(3, 4, 2, activation=None)
