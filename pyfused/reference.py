@@ -10,7 +10,11 @@ import torch
 
 def linear_act(x, w, b, activation):
     """Twin of :func:`pyfused.kernels.linear_act.linear_act`: ``act(x @ wᵀ + b)``."""
-    h = torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+    return activate_(torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t()), activation)
+
+
+def activate_(h, activation):
+    """The hidden activation applied to ``h`` in place (eager's own ``relu_`` / ``sigmoid_``); returns h."""
     return h.relu_() if activation == "relu" else h.sigmoid_()
 
 

@@ -59,7 +59,8 @@ class FusedTrainStep(TorchStepPath):
     ``accumulation_steps``: batches per update (see the module docstring; :meth:`flush` for a trailing group).
     ``keep_grad``: leave the step's gradients in ``.grad`` (else None); while accumulating, ``.grad`` holds the
     running sum between calls (for 16-bit parameters on the Triton path, only after each update).
-    ``ignore_index``: the target value whose rows the loss skips. The model's activation is read here, once. The parameters are bound at construction: make a new step after replacing them.
+    ``ignore_index``: the target value whose rows the loss skips. The model's activation and parameters are
+    bound at construction: make a new step after replacing them.
     The optimizer's step hooks do not run (its ``step`` is not called); LR schedulers see a stepped optimizer.
     Refused: a model that is not a FusedMLP, another optimizer class, model parameters missing from the
     optimizer or frozen, parameters of mixed dtype or device or not contiguous, ``differentiable=True``.
@@ -279,8 +280,7 @@ class FusedTrainStep(TorchStepPath):
         else:
             if r != k:
                 flat.mul_(k / r)
-            aliases = self._aliases()
-            self._foreach_update([(i, aliases[i], sums[i]) for i in range(4) if self.params[i] is not None])
+            self._foreach_update(sums)
         self._calls = 0
         self._stepped()
 

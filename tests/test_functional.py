@@ -48,6 +48,14 @@ def check(ours, ref, dtype=torch.float32):
     torch.testing.assert_close(ours.double(), ref.double(), equal_nan=True, **TOL[dtype])
 
 
+def check_grads(out, ref_out, tensors):
+    """The gradients of ``out`` and of the float64 ``ref_out`` for the same random output gradient."""
+    grad = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, tensors, grad),
+                            torch.autograd.grad(ref_out, tensors, grad.double())):
+        check(ours, theirs)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape, activation", SHAPE_ACTS, ids=str)
 def test_fused_mlp_matches_float64_reference(backend, shape, activation, bias):
@@ -56,10 +64,7 @@ def test_fused_mlp_matches_float64_reference(backend, shape, activation, bias):
     ref = reference(x, w1, b1, w2, b2, activation=activation)
     assert y.shape == ref.shape and y.dtype == x.dtype
     check(y, ref)
-    dy = torch.randn_like(y)
-    for ours, theirs in zip(torch.autograd.grad(y, inputs(x, w1, b1, w2, b2), dy),
-                            torch.autograd.grad(ref, inputs(x, w1, b1, w2, b2), dy.double())):
-        check(ours, theirs)
+    check_grads(y, ref, inputs(x, w1, b1, w2, b2))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -76,10 +81,7 @@ def test_fused_mlp_nll_matches_float64_reference(backend, shape, activation, bia
         ref = ref.view(target.shape)
     assert loss.shape == ref.shape and loss.dtype == x.dtype
     check(loss, ref)
-    dl = torch.randn_like(loss)
-    for ours, theirs in zip(torch.autograd.grad(loss, inputs(x, w1, b1, w2, b2), dl),
-                            torch.autograd.grad(ref, inputs(x, w1, b1, w2, b2), dl.double())):
-        check(ours, theirs)
+    check_grads(loss, ref, inputs(x, w1, b1, w2, b2))
 
 
 def test_mean_over_no_counted_rows_is_nan_with_zero_gradients(backend):
