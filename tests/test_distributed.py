@@ -258,8 +258,9 @@ def check_torchrun_against_one_process(nproc, device, tol, tmp_path, capsys):
               "--epochs", "1", "--accumulate", "3"]
     dist_json, dist_pt = tmp_path / "dist.json", tmp_path / "dist.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-         "127.0.0.1", "--master-port", str(free_port()), "-m", "pyfused.train", *common, "--batch-size", "16",
+        # --standalone: the agent binds a free port itself (no window between choosing a port and binding it)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         "-m", "pyfused.train", *common, "--batch-size", "16",
          "--json", str(dist_json), "--save", str(dist_pt)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
