@@ -86,13 +86,27 @@ class SeedNet(nn.Module):
 
 @contextlib.contextmanager
 def precision(dtype: str):
-    """CUDA float32 matmul precision for a benchmark dtype: TF32 for ``"tf32"``, IEEE otherwise; restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    """CUDA float32 matmul precision for a benchmark dtype: TF32 for ``"tf32"``, IEEE otherwise; restored after.
+
+    Set through ``torch.backends.cuda.matmul.fp32_precision``, the API PyTorch recommends (the legacy
+    ``allow_tf32`` raises once the new one was used); torch.compile, eager matmuls and pyfused's launchers
+    (:func:`pyfused.kernels.launch.cuda_tf32_enabled`) all read it."""
+    matmul = torch.backends.cuda.matmul
+    wanted = "tf32" if dtype == "tf32" else "ieee"
+    if not hasattr(matmul, "fp32_precision"):  # a torch without the new API
+        saved = matmul.allow_tf32
+        matmul.allow_tf32 = wanted == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
+        return
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = wanted
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        matmul.fp32_precision = saved
 
 
 @dataclasses.dataclass

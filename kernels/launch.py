@@ -1,14 +1,41 @@
-"""Small helpers shared by the launchers: matmul precision and block sizes."""
+"""Small helpers shared by the launchers: matmul precision, the launch device and block sizes."""
+import contextlib
+
 import torch
 import triton
 
 
+def cuda_tf32_enabled() -> bool:
+    """Whether PyTorch lets CUDA float32 matmuls use TF32.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"``, ``"ieee"``, or ``"none"`` = inherited from
+    ``torch.backends.fp32_precision``, which the property already resolves), the API PyTorch recommends. The
+    legacy ``allow_tf32`` flag sets that property too, so both APIs are honoured; reading ``allow_tf32`` itself
+    raises ("mix of the legacy and new APIs") once the new API was used, so it is read only on a torch without
+    the new property.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """``tl.dot`` input precision: TF32 for float32 only when PyTorch allows it for matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``), IEEE fp32 otherwise. Half types ignore it."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: TF32 for float32 on CUDA only when PyTorch allows it for matmuls
+    (:func:`cuda_tf32_enabled`), IEEE otherwise. Half types and float64 ignore it."""
+    if dtype == torch.float32 and device.type == "cuda" and cuda_tf32_enabled():
         return "tf32"
     return "ieee"
+
+
+def on_device(device: torch.device):
+    """A context that makes ``device`` the current CUDA device for a launch: Triton launches on the current
+    device and its current stream, so tensors on ``cuda:1`` while ``cuda:0`` is current would get foreign
+    pointers. A no-op off CUDA and when ``device`` is already current (the common case: one comparison)."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def dot_block(n: int, cap: int) -> int:
@@ -21,3 +48,10 @@ def hidden_block(n_hidden: int, block_out: int) -> int:
     4096 / BLOCK_OUT (at least 16). Larger w2 tiles overflow shared memory (out = 1024: 256 KB at BLOCK_H = 64)
     or spill registers on the IEEE fp32 path (bench/results/compile/)."""
     return dot_block(n_hidden, max(16, min(64, 4096 // block_out)))
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` with ``device`` current (:func:`on_device`): every pyfused launch goes
+    through here, so a kernel always runs on its tensors' GPU and that GPU's current stream."""
+    with on_device(device):
+        kernel[grid](*args, **kwargs)
