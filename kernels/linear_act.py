@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .activation import activate
 from .gemm import tile_product
-from .launch import dot_block, dot_precision
+from .launch import dot_block, dot_precision, launch
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def linear_act(x, w, b, activation):
         return h
     cfg = linear_act_config(n_rows, n_in, n_out, x.dtype)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    linear_act_kernel[grid](
+    launch(linear_act_kernel, grid, x.device,
         x, w, w if b is None else b, h,  # w stands in for an absent bias (never read)
         n_rows, n_in, n_out,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .activation import activation_grad
 from .gemm import gemm_tile, tile_product
-from .launch import dot_block, dot_precision, hidden_block
+from .launch import dot_block, dot_precision, hidden_block, launch
 from .mlp_forward import MAX_OUT
 
 
@@ -124,7 +124,7 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
     if n_rows == 0:
         return dz, dh
     cfg = rows_config(n_rows, n_hidden, n_out, h.dtype)
-    mlp_backward_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+    launch(mlp_backward_rows_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), g.device,
         g, y, scale, h, w2, dz, dh,
         n_rows, n_hidden, n_out,
         g.stride(0), g.stride(1), (scale.stride(0) if scale.dim() else 0) if loss else 0,
@@ -156,7 +156,7 @@ def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=
     if tiles_dx + tiles_dw1 + tiles_dw2 == 0:
         return dx, dw1, db1, dw2, db2
     fill = lambda t: dz if t is None else t  # noqa: E731  (stands in for an output with no tiles)
-    mlp_backward_grads_kernel[(tiles_dx + tiles_dw1 + tiles_dw2,)](
+    launch(mlp_backward_grads_kernel, (tiles_dx + tiles_dw1 + tiles_dw2,), x.device,
         x, w1, h, dz, fill(dh), fill(dx), fill(dw1), db1, fill(dw2), db2,
         n_rows, n_in, n_hidden, n_out,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .activation import activate
-from .launch import dot_block, dot_precision, hidden_block
+from .launch import dot_block, dot_precision, hidden_block, launch
 
 MAX_OUT = 1024
 
@@ -130,7 +130,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
         return y, h, nll, dz
     cfg = forward_config(n_rows, n_in, n_hidden, n_out, x.dtype)
     grid = (triton.cdiv(n_rows, cfg["BLOCK_M"]),)
-    mlp_forward_kernel[grid](
+    launch(mlp_forward_kernel, grid, x.device,
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2,  # unused pointers when no bias
         h, y, target, nll, dz,
         n_rows, n_in, n_hidden, n_out, ignore_index,

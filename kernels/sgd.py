@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 ROW = tl.constexpr(5)  # int64 fields per tensor row: param, grad, buffer addresses, numel, first block
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -180,7 +182,7 @@ def fused_sgd(table: SGDTable, lr, *, momentum: float, dampening: float, weight_
         return
     has_momentum = momentum != 0
     lr_is_ptr = isinstance(lr, torch.Tensor)
-    sgd_kernel[(table.n_blocks,)](
+    launch(sgd_kernel, (table.n_blocks,), table.rows.device,
         table.rows, table.fresh, table.block_map, lr if lr_is_ptr else float(lr),
         float(momentum), 1.0 - float(dampening), float(weight_decay),
         DTYPE=TL_DTYPES[table.dtype], BLOCK=table.block, ALIGNED=table.aligned, LR_IS_PTR=lr_is_ptr,

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .activation import activate, activation_grad
 from .gemm import tile_product
-from .launch import dot_block, dot_precision
+from .launch import dot_block, dot_precision, launch
 from .mlp_forward import MAX_OUT
 
 # one hyper-parameter row per parameter: lr, momentum, dampening, weight_decay, nesterov, sign, first, (unused)
@@ -328,7 +328,7 @@ def step_rows(x, w1, b1, w2, b2, target, ignore_index, h, dz, dh, stats, activat
         raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {n_out}; use PYFUSED_BACKEND=torch")
     cfg = step_rows_config(n_rows, n_in, n_hidden, n_out, x.dtype)
     has_bias = b1 is not None
-    step_rows_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+    launch(step_rows_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
         x, w1, b1 if has_bias else w1, w2, b2 if has_bias else w2, target,  # unused pointers without bias
         h, dz, dh, stats,
         n_rows, n_in, n_hidden, n_out, ignore_index,
@@ -351,7 +351,7 @@ def _launch_grads(x, h, dz, dh, stats, params, bufs, grads, hp, totals, loss, k,
     tiles_w2 = triton.cdiv(n_out, cfg["BLOCK_O"]) * triton.cdiv(n_hidden, cfg["BLOCK_N"])
     w1, b1, w2, b2 = params
     stand_in = [w1, w1, w2, w2]
-    step_grads_kernel[(tiles_w1 + tiles_w2 + 1,)](
+    launch(step_grads_kernel, (tiles_w1 + tiles_w2 + 1,), x.device,
         x, h, dz, dh, stats,
         *_fill(params, stand_in), *_fill(bufs, stand_in), *_fill(grads, stand_in), hp,
         stats if totals is None else totals, loss, k, add,
@@ -387,7 +387,7 @@ def step_update(params, bufs, sums, grads, hp, num=1, den=1):
     block = 1024
     sizes = [0 if p is None else p.numel() for p in params]
     stand_in = [w1, w1, w2, w2]
-    step_update_kernel[(sum(triton.cdiv(n, block) for n in sizes),)](
+    launch(step_update_kernel, (sum(triton.cdiv(n, block) for n in sizes),), w1.device,
         *_fill(params, stand_in), *_fill(bufs, stand_in), *_fill(sums, [sums[0], sums[0], sums[2], sums[2]]),
         *_fill(grads, stand_in),
         hp, num, den, *sizes,

@@ -366,6 +366,10 @@ class FusedTrainStep(TorchStepPath):
             raise RuntimeError("capture() needs CUDA tensors on the Triton path")
         if x_example.shape[0] == 0:
             raise ValueError("capture() needs a non-empty example batch")
+        with torch.cuda.device(self.device):  # streams, graph and launches on the parameters' GPU
+            self._graph = self._capture(x_example, target_example)
+
+    def _capture(self, x_example, target_example):
         self._graph = None
         static_x, static_t = x_example.clone(), target_example.clone()
         bufs = self._buffers()
@@ -383,15 +387,18 @@ class FusedTrainStep(TorchStepPath):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = self._launch(static_x, static_t, bufs, ws)
-        self._graph = dict(graph=graph, x=static_x, target=static_t, loss=loss, bufs=bufs, ws=ws)
+        return dict(graph=graph, x=static_x, target=static_t, loss=loss, bufs=bufs, ws=ws)
 
     def _replay(self, graph, x, target):
+        from pyfused.kernels.launch import on_device
+
         bufs = self._buffers()
         if any(a is not b for a, b in zip(bufs, graph["bufs"])):
             raise RuntimeError("the optimizer's momentum buffers changed since capture() (momentum switched on or "
                                "off, or state loaded); call capture() again")
         self._refresh_hp()
-        graph["x"].copy_(x)
-        graph["target"].copy_(target)
-        graph["graph"].replay()
-        return graph["loss"].clone()
+        with on_device(self.device):
+            graph["x"].copy_(x)
+            graph["target"].copy_(target)
+            graph["graph"].replay()
+            return graph["loss"].clone()
