@@ -104,8 +104,11 @@ def fused_mlp(x, w1, b1, w2, b2, activation="relu"):
     checks.check_activation(activation)
     if torch.compiler.is_compiling():
         y = torch.ops.pyfused.mlp(_flat(x), w1, b1, w2, b2, activation)[0]
-    else:
+    elif torch.is_grad_enabled():
         y = _MLP.apply(_flat(x), w1, b1, w2, b2, activation)
+    else:  # inference (a Function's needs_input_grad ignores no_grad): the y-only kernel variant, nothing saved
+        y = backend.mlp_ops(x.device, x.dtype).mlp_forward(_flat(x), w1, b1, w2, b2, store_h=False,
+                                                           activation=activation)[0]
     return y.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -123,8 +126,11 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     if torch.compiler.is_compiling():
         loss = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction,
                                          activation)[0]
-    else:
+    elif torch.is_grad_enabled():
         loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction, activation)
+    else:
+        loss = nll_forward(backend.mlp_ops(x.device, x.dtype), _flat(x), w1, b1, w2, b2, flat_target, ignore_index,
+                           reduction, False, activation)[0].to(x.dtype)
     return loss.view(target.shape) if reduction == "none" else loss
 
 
@@ -213,9 +219,12 @@ def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean
     if torch.compiler.is_compiling():
         out = torch.ops.pyfused.deep_mlp(_flat(x), target, ignore_index, reduction, ",".join(activations), weights,
                                          [x.new_empty(0) if b is None else b for b in biases])[0]
-    else:
+    elif torch.is_grad_enabled():
         params = [t for pair in zip(weights, biases) for t in pair]
         out = _DeepMLP.apply(_flat(x), target, ignore_index, reduction, activations, *params)
+    else:  # inference: nothing kept for a backward
+        out = deep_forward(backend.mlp_ops(x.device, x.dtype), _flat(x), target, ignore_index, reduction, activations,
+                           weights, biases, False)[0]
     if target is None:
         return out.view(*x.shape[:-1], out_features)
     return out.view(target_shape) if reduction == "none" else out

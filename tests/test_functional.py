@@ -3,6 +3,8 @@
 Tolerances (vs the float64 reference, outputs and gradients): float32 atol=rtol=1e-4 on CPU (IEEE dots);
 TF32 2e-2; bfloat16/float16 follow the flash-attention rule |ours − ref| ≤ 2·|torch_same_dtype − ref| + atol.
 """
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,12 +128,32 @@ def test_only_some_inputs_need_grad(backend):
         check(ours, theirs)
 
 
-def test_no_grad_inference(backend):
-    x, w1, b1, w2, b2, _ = make((9,), 10, 12, 5, True)
+def test_no_grad_inference_keeps_nothing(backend, monkeypatch):
+    """Under no_grad the forward runs its y-only variant (no h stored), although a Function's needs_input_grad
+    ignores no_grad; the results are those of the graph."""
+    stored = []
+    real = backend_mod.mlp_ops
+
+    def spying_ops(device, dtype=None):
+        ops = real(device, dtype)
+
+        def mlp_forward(*args, **kwargs):
+            stored.append(kwargs.get("store_h", True))
+            return ops.mlp_forward(*args, **kwargs)
+        return types.SimpleNamespace(mlp_forward=mlp_forward, linear_act=ops.linear_act)
+
+    monkeypatch.setattr(backend_mod, "mlp_ops", spying_ops)
+    x, w1, b1, w2, b2, target = make((9,), 10, 12, 5, True)
+    w0 = torch.randn(10, 10, dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.no_grad():
         y = pyfused.fused_mlp(x, w1, b1, w2, b2)
-    assert not y.requires_grad
+        loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target)
+        deep = pyfused.fused_deep_mlp(x, (w0, w1, w2), (None, b1, b2), ("relu", "relu"))
+    assert stored == [False, False, False]
+    assert not (y.requires_grad or loss.requires_grad or deep.requires_grad)
     check(y, reference(x, w1, b1, w2, b2))
+    check(loss, F.nll_loss(reference(x, w1, b1, w2, b2), target))
+    check(deep, reference(F.relu(x.double() @ w0.double().t()), w1, b1, w2, b2))
 
 
 def test_deterministic_results(backend):
