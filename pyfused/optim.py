@@ -54,6 +54,11 @@ class FusedSGD(torch.optim.Optimizer):
     (a captured CUDA graph then sees schedule changes); it must live on the parameters' device or the CPU.
     Kernel path: float32, float16 and bfloat16 parameters, each group on one device. Sparse gradients are
     refused.
+
+    CUDA graphs: a captured step replays the launch with the address table it read. Run the first step (which
+    makes the momentum buffers and the table) eagerly before capture, and keep the gradients at fixed addresses
+    (``zero_grad(set_to_none=False)``); a step that would build a new table during capture raises. A table a
+    capture used stays alive when a later eager step replaces it, so replays never read freed memory.
     """
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -61,7 +66,8 @@ class FusedSGD(torch.optim.Optimizer):
         _check_options(lr, momentum, dampening, weight_decay, nesterov)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
-        self._tables = {}
+        self._tables = {}  # group index -> (address key, tables, used by a CUDA-graph capture)
+        self._captured_tables = []  # tables replaced after a capture used them (its replays still read them)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -70,6 +76,7 @@ class FusedSGD(torch.optim.Optimizer):
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
         self.__dict__.setdefault("_tables", {})
+        self.__dict__.setdefault("_captured_tables", [])
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
@@ -137,15 +144,30 @@ class FusedSGD(torch.optim.Optimizer):
         key = tuple((p.data_ptr(), g.data_ptr(), 0 if b is None else b.data_ptr(), p.numel(), p.dtype)
                     for p, g, b in zip(params, grads, buffers))
         cached = self._tables.get(index)
+        capturing = _capturing(device)
         if cached is None or cached[0] != key or any(fresh):
-            cached = self._tables[index] = (key, _build_tables(sgd, params, grads, buffers, fresh, device))
+            if capturing:
+                raise RuntimeError(
+                    "FusedSGD would build a new address table while a CUDA graph is being captured (the first step, "
+                    "a new momentum buffer, or a parameter or gradient at a new address): run one eager step before "
+                    "capture and keep the gradients allocated (zero_grad(set_to_none=False))")
+            if cached is not None and cached[2]:  # a captured graph reads this table at replay: keep it alive
+                self._captured_tables.append(cached)
+            cached = self._tables[index] = (key, _build_tables(sgd, params, grads, buffers, fresh, device), False)
             for p, buf, new in zip(params, buffers, fresh):
                 if new:
                     self.state[p]["momentum_buffer"] = buf
+        elif capturing and not cached[2]:
+            cached = self._tables[index] = (cached[0], cached[1], True)
         lr = _kernel_lr(group["lr"], device)
         for table in cached[1]:
             sgd.fused_sgd(table, lr, momentum=momentum, dampening=group["dampening"],
                           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (never on other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -314,3 +314,33 @@ def test_cuda_graph_sees_tensor_lr(monkeypatch):
     torch.cuda.synchronize()
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, **KERNEL_TOL[torch.float32])
+
+
+def test_tables_used_by_a_capture_stay_alive(monkeypatch):
+    """A captured launch bakes in its address table: a later eager step that rebuilds the table must keep the old
+    one alive (replays still read it), and building a table during capture is refused (its host copy and the
+    first-step flags would be baked into the graph). Capture is simulated on the interpreter."""
+    import gc
+    import weakref
+
+    from pyfused import optim
+
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+    capturing = [False]
+    monkeypatch.setattr(optim, "_capturing", lambda device: capturing[0])
+    params = make_params("cpu")[:3]
+    opt = FusedSGD(params, lr=0.1, momentum=0.9)
+    set_grads(0, params)
+    opt.step()  # the first step: momentum buffers and the table, before capture
+    capturing[0] = True
+    opt.step()  # "captured": reads the cached table
+    captured = weakref.ref(opt._tables[0][1][0].rows)
+    capturing[0] = False
+    params[0].grad = params[0].grad.clone()  # a new gradient address: the next eager step rebuilds the table
+    opt.step()
+    gc.collect()
+    assert captured() is not None and opt._tables[0][1][0].rows is not captured()
+    capturing[0] = True
+    params[0].grad = params[0].grad.clone()
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        opt.step()
