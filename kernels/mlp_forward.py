@@ -79,8 +79,9 @@ def mlp_forward_kernel(
     if STORE_Y:
         tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
     if LOSS:
-        t = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=ignore_index).to(tl.int64)
-        keep = t != ignore_index
+        # padding rows are not counted: other=ignore_index would wrap in a small target dtype (uint8: 156)
+        t = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0).to(tl.int64)
+        keep = row_mask & (t != ignore_index)
         onehot = cols[None, :] == t[:, None]
         picked = tl.sum(tl.where(onehot, y, 0.0), axis=1)
         in_range = (t >= 0) & (t < n_out)

@@ -138,8 +138,9 @@ def step_rows_kernel(
     shifted = z - tl.max(z, axis=1)[:, None]
     e = tl.exp(shifted)
     denom = tl.sum(e, axis=1)
-    t = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=ignore_index).to(tl.int64)
-    keep = t != ignore_index
+    # padding rows are not counted: other=ignore_index would wrap in a small target dtype (uint8: 156)
+    t = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0).to(tl.int64)
+    keep = row_mask & (t != ignore_index)
     in_range = (t >= 0) & (t < n_out)
     onehot = cols[None, :] == t[:, None]
     picked = tl.sum(tl.where(onehot, shifted, 0.0), axis=1) - tl.log(denom)

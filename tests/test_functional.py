@@ -236,3 +236,16 @@ def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("PYFUSED_BACKEND", "cuda")
     with pytest.raises(ValueError, match="PYFUSED_BACKEND"):
         backend_mod.requested()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_small_integer_targets_give_the_int64_result(backend, dtype, reduction):
+    """13 rows (a ragged last row block); -100 ignored where the dtype holds it."""
+    x, w1, b1, w2, b2, target = make((13,), 10, 12, 5, True)
+    if dtype != torch.uint8:
+        target[::4] = -100
+    loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target.to(dtype), reduction=reduction)
+    ref = F.nll_loss(reference(x, w1, b1, w2, b2), target, reduction=reduction)
+    check(loss, ref)
+    check_grads(loss, ref, [x, w1, b1, w2, b2])

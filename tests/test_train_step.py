@@ -307,3 +307,22 @@ def test_cuda_graph_capture_matches_eager():
             s.step()
         torch.testing.assert_close(loss, ref_loss, **TOL)
     check_same(model, opt, ref, ref_opt)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_small_integer_targets_give_the_int64_result(backend, dtype):
+    """Raw Fashion-MNIST labels are uint8. 13 rows (not a multiple of the row block): the padding rows must not
+    count, whatever the target dtype makes of ignore_index; ignored rows where the dtype can hold -100."""
+    runs = {}
+    for tdtype in (torch.int64, dtype):
+        model, _ = pair(9, 12, 4, True)
+        step = FusedTrainStep(model, FusedSGD(model.parameters(), lr=0.1, momentum=0.9))
+        losses = []
+        for x, t in batches(13, 9, 4, 3):
+            if dtype == torch.uint8:
+                t = t.clamp(min=0)
+            losses.append(step(x, t.to(tdtype)))
+        runs[tdtype] = losses + [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(runs[torch.int64], runs[dtype]):
+        assert torch.isfinite(b).all()
+        assert torch.equal(a, b)
