@@ -55,13 +55,13 @@ def gemm_tile(
     rowsum_ptr,  # (M,) row sums of A, written by the tiles of the first column when ROWSUM
     M, N, K,
     tile,  # index of this tile in row-major tile order
-    ROWSUM: tl.constexpr,
+    ROWSUM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One tile of C = A @ B (fp32 accumulator) stored to C; writes BLOCK_M·BLOCK_N (+ BLOCK_M row sums)."""
+    """One tile of C = A @ B (``ACC`` accumulator) stored to C; writes BLOCK_M·BLOCK_N (+ BLOCK_M row sums)."""
     acc, row_sum, rm, rn, pid_n = tile_product(a_ptr, stride_a_m, stride_a_k, b_ptr, stride_b_k, stride_b_n,
-                                               M, N, K, tile, ROWSUM, tl.float32, BLOCK_M, BLOCK_N, BLOCK_K,
+                                               M, N, K, tile, ROWSUM, ACC, BLOCK_M, BLOCK_N, BLOCK_K,
                                                PRECISION)
     m_mask = rm < M
     tl.store(c_ptr + rm[:, None] * stride_c_m + rn[None, :] * stride_c_n,

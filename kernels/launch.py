@@ -3,6 +3,7 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 
 
 def cuda_tf32_enabled() -> bool:
@@ -27,6 +28,12 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and cuda_tf32_enabled():
         return "tf32"
     return "ieee"
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The kernels' accumulator type for tensors of ``dtype``: fp64 for float64, fp32 otherwise (16-bit types
+    accumulate in fp32, as PyTorch's matmuls do)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def on_device(device: torch.device):

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .activation import activate
 from .gemm import tile_product
-from .launch import dot_block, dot_precision, launch
+from .launch import acc_dtype, dot_block, dot_precision, launch
 
 
 @triton.jit
@@ -24,16 +24,16 @@ def linear_act_kernel(
     h_ptr,  # out: (B, N) contiguous, x's dtype
     n_rows, n_in, n_out,
     stride_x_row, stride_x_col, stride_w_row, stride_w_col,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One tile of h = act(x @ wᵀ + b), fp32 accumulator, rounded to x's dtype once."""
+    """One tile of h = act(x @ wᵀ + b), ``ACC`` accumulator (fp64 for float64), rounded to x's dtype once."""
     acc, _, rm, rn, _ = tile_product(x_ptr, stride_x_row, stride_x_col, w_ptr, stride_w_col, stride_w_row,
-                                     n_rows, n_out, n_in, tl.program_id(0), False, tl.float32,
+                                     n_rows, n_out, n_in, tl.program_id(0), False, ACC,
                                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     n_mask = rn < n_out
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(ACC)[None, :]
     h = activate(acc, ACTIVATION).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rm[:, None] * n_out + rn[None, :], h, mask=(rm < n_rows)[:, None] & n_mask[None, :])
 
@@ -56,6 +56,6 @@ def linear_act(x, w, b, activation):
         x, w, w if b is None else b, h,  # w stands in for an absent bias (never read)
         n_rows, n_in, n_out,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        HAS_BIAS=b is not None, ACTIVATION=activation, PRECISION=dot_precision(x.dtype, x.device), **cfg,
+        HAS_BIAS=b is not None, ACTIVATION=activation, ACC=acc_dtype(x.dtype), PRECISION=dot_precision(x.dtype, x.device), **cfg,
     )
     return h

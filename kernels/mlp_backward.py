@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .activation import activation_grad
 from .gemm import gemm_tile, tile_product
-from .launch import dot_block, dot_precision, hidden_block, launch
+from .launch import acc_dtype, dot_block, dot_precision, hidden_block, launch
 from .mlp_forward import MAX_OUT
 
 
@@ -33,7 +33,7 @@ def mlp_backward_rows_kernel(
     dz_ptr, dh_ptr,  # out: (B, out), (B, hidden), contiguous
     n_rows, n_hidden, n_out,
     stride_g_row, stride_g_col, stride_scale, stride_w2_row, stride_w2_col,
-    LOSS: tl.constexpr, NEED_DH: tl.constexpr, ACTIVATION: tl.constexpr,
+    LOSS: tl.constexpr, NEED_DH: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dz and dh = act'(dz @ w2) (:func:`~pyfused.kernels.activation.activation_grad`) for BLOCK_M rows."""
@@ -43,12 +43,12 @@ def mlp_backward_rows_kernel(
     col_mask = cols < n_out
     mask = row_mask[:, None] & col_mask[None, :]
     g = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=mask, other=0.0)
-    g = g.to(tl.float32)
+    g = g.to(ACC)
     if LOSS:
-        dz = g * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        dz = g * tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0).to(ACC)[:, None]
     else:
         y = tl.load(y_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=float("-inf"))
-        dz = g - tl.exp(y.to(tl.float32)) * tl.sum(g, axis=1)[:, None]
+        dz = g - tl.exp(y.to(ACC)) * tl.sum(g, axis=1)[:, None]
     dz = dz.to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + rows[:, None] * n_out + cols[None, :], dz, mask=mask)
     if NEED_DH:
@@ -57,7 +57,7 @@ def mlp_backward_rows_kernel(
             h_mask = hs < n_hidden
             w2 = tl.load(w2_ptr + cols[:, None] * stride_w2_row + hs[None, :] * stride_w2_col,
                          mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            dh = tl.dot(dz, w2, input_precision=PRECISION)
+            dh = tl.dot(dz, w2, input_precision=PRECISION, out_dtype=ACC)
             hmask2 = row_mask[:, None] & h_mask[None, :]
             h = tl.load(h_ptr + rows[:, None] * n_hidden + hs[None, :], mask=hmask2, other=0.0)
             dh = activation_grad(dh, h, ACTIVATION)
@@ -73,6 +73,7 @@ def mlp_backward_grads_kernel(
     tiles_dx, tiles_dw1,  # program ids [0, tiles_dx) make dx, the next tiles_dw1 dw1, the rest dw2
     HAS_DB1: tl.constexpr, HAS_DB2: tl.constexpr,
     DX_ACTIVATION: tl.constexpr,  # "none", or the activation whose output x is: dx becomes act'(dh @ w1)
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One tile of dx = dh @ w1 (times the derivative of the activation that made x, in a deeper MLP),
@@ -81,10 +82,10 @@ def mlp_backward_grads_kernel(
     if pid < tiles_dx:
         if DX_ACTIVATION == "none":
             gemm_tile(dh_ptr, n_hidden, 1, w1_ptr, stride_w1_row, stride_w1_col, dx_ptr, n_in, 1, dx_ptr,
-                      n_rows, n_in, n_hidden, pid, False, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                      n_rows, n_in, n_hidden, pid, False, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         else:
             acc, _, rm, rn, _ = tile_product(dh_ptr, n_hidden, 1, w1_ptr, stride_w1_row, stride_w1_col,
-                                             n_rows, n_in, n_hidden, pid, False, tl.float32,
+                                             n_rows, n_in, n_hidden, pid, False, ACC,
                                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             mask = (rm < n_rows)[:, None] & (rn < n_in)[None, :]
             x = tl.load(x_ptr + rm[:, None] * stride_x_row + rn[None, :] * stride_x_col, mask=mask, other=0.0)
@@ -92,10 +93,10 @@ def mlp_backward_grads_kernel(
             tl.store(dx_ptr + rm[:, None] * n_in + rn[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     elif pid < tiles_dx + tiles_dw1:
         gemm_tile(dh_ptr, 1, n_hidden, x_ptr, stride_x_row, stride_x_col, dw1_ptr, n_in, 1, db1_ptr,
-                  n_hidden, n_in, n_rows, pid - tiles_dx, HAS_DB1, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                  n_hidden, n_in, n_rows, pid - tiles_dx, HAS_DB1, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
         gemm_tile(dz_ptr, 1, n_out, h_ptr, n_hidden, 1, dw2_ptr, n_hidden, 1, db2_ptr,
-                  n_out, n_hidden, n_rows, pid - tiles_dx - tiles_dw1, HAS_DB2, BLOCK_M, BLOCK_N, BLOCK_K,
+                  n_out, n_hidden, n_rows, pid - tiles_dx - tiles_dw1, HAS_DB2, ACC, BLOCK_M, BLOCK_N, BLOCK_K,
                   PRECISION)
 
 
@@ -129,7 +130,7 @@ def mlp_backward_rows(h, w2, *, dy=None, y=None, dlogits=None, scale=None, need_
         n_rows, n_hidden, n_out,
         g.stride(0), g.stride(1), (scale.stride(0) if scale.dim() else 0) if loss else 0,
         w2.stride(0), w2.stride(1),
-        LOSS=loss, NEED_DH=need_dh, ACTIVATION=activation, PRECISION=dot_precision(h.dtype, h.device), **cfg,
+        LOSS=loss, NEED_DH=need_dh, ACTIVATION=activation, ACC=acc_dtype(h.dtype), PRECISION=dot_precision(h.dtype, h.device), **cfg,
     )
     return dz, dh
 
@@ -162,6 +163,7 @@ def mlp_backward_grads(x, w1, h, dz, dh, *, need_dx=True, need_w1=True, need_w2=
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         tiles_dx, tiles_dw1,
         HAS_DB1=db1 is not None, HAS_DB2=db2 is not None, DX_ACTIVATION=dx_activation or "none",
+        ACC=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype, x.device), **cfg,
     )
     return dx, dw1, db1, dw2, db2

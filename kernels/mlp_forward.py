@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .activation import activate
-from .launch import dot_block, dot_precision, hidden_block, launch
+from .launch import acc_dtype, dot_block, dot_precision, hidden_block, launch
 
 MAX_OUT = 1024
 
@@ -37,7 +37,7 @@ def mlp_forward_kernel(
     n_rows, n_in, n_hidden, n_out, ignore_index,
     stride_x_row, stride_x_col, stride_w1_row, stride_w1_col, stride_w2_row, stride_w2_col, stride_target,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACTIVATION: tl.constexpr,
-    STORE_H: tl.constexpr, STORE_Y: tl.constexpr, LOSS: tl.constexpr,
+    STORE_H: tl.constexpr, STORE_Y: tl.constexpr, LOSS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -46,11 +46,11 @@ def mlp_forward_kernel(
     row_mask = rows < n_rows
     cols = tl.arange(0, BLOCK_OUT)
     col_mask = cols < n_out
-    z = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
     for h0 in range(0, n_hidden, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         h_mask = hs < n_hidden
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=ACC)
         for k0 in range(0, n_in, BLOCK_K):
             ks = tl.arange(0, BLOCK_K).to(tl.int64) + k0
             k_mask = ks < n_in
@@ -58,17 +58,17 @@ def mlp_forward_kernel(
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w1t = tl.load(w1_ptr + hs[None, :] * stride_w1_row + ks[:, None] * stride_w1_col,
                           mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            acc = tl.dot(x, w1t, acc, input_precision=PRECISION)
+            acc = tl.dot(x, w1t, acc, input_precision=PRECISION, out_dtype=ACC)
         if HAS_B1:
-            acc += tl.load(b1_ptr + hs, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b1_ptr + hs, mask=h_mask, other=0.0).to(ACC)[None, :]
         h = activate(acc, ACTIVATION).to(x_ptr.dtype.element_ty)
         if STORE_H:
             tl.store(h_ptr + rows[:, None] * n_hidden + hs[None, :], h, mask=row_mask[:, None] & h_mask[None, :])
         w2t = tl.load(w2_ptr + cols[None, :] * stride_w2_row + hs[:, None] * stride_w2_col,
                       mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-        z = tl.dot(h, w2t, z, input_precision=PRECISION)
+        z = tl.dot(h, w2t, z, input_precision=PRECISION, out_dtype=ACC)
     if HAS_B2:
-        z += tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(b2_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
     z = tl.where(col_mask[None, :], z, float("-inf"))
     shifted = z - tl.max(z, axis=1)[:, None]
     e = tl.exp(shifted)
@@ -87,7 +87,7 @@ def mlp_forward_kernel(
         in_range = (t >= 0) & (t < n_out)
         nll = tl.where(keep, tl.where(in_range, -picked, float("nan")), 0.0)
         tl.store(nll_ptr + rows, nll, mask=row_mask)
-        dz = tl.where(keep[:, None], e / denom[:, None] - onehot.to(tl.float32), 0.0)
+        dz = tl.where(keep[:, None], e / denom[:, None] - onehot.to(ACC), 0.0)
         tl.store(dz_ptr + out_offsets, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -138,7 +138,7 @@ def mlp_forward(x, w1, b1, w2, b2, *, target=None, ignore_index=-100, store_h=Tr
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         target.stride(0) if loss else 0,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACTIVATION=activation,
-        STORE_H=store_h, STORE_Y=store_y, LOSS=loss,
+        STORE_H=store_h, STORE_Y=store_y, LOSS=loss, ACC=acc_dtype(x.dtype),
         PRECISION=dot_precision(x.dtype, x.device),
         **cfg,
     )

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .activation import activate, activation_grad
 from .gemm import tile_product
-from .launch import dot_block, dot_precision, launch
+from .launch import acc_dtype, dot_block, dot_precision, launch
 from .mlp_forward import MAX_OUT
 
 # one hyper-parameter row per parameter: lr, momentum, dampening, weight_decay, nesterov, sign, first, (unused)
@@ -308,11 +308,6 @@ def step_grads_config(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: 
     registers without spills on sm_80 and sm_90."""
     return dict(BLOCK_A=dot_block(n_hidden, 128), BLOCK_O=dot_block(n_out, 64), BLOCK_N=16, BLOCK_B=32,
                 BLOCK_R=64, num_warps=8, num_stages=2)
-
-
-def acc_dtype(dtype: torch.dtype):
-    """The kernels' accumulator type: fp64 for fp64 tensors, fp32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def stats_rows(n_rows: int, n_in: int, n_hidden: int, n_out: int, dtype: torch.dtype) -> int:

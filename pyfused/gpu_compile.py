@@ -66,7 +66,7 @@ ARCHS = {
     "sm_80": Arch("sm_80", 80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, max_blocks_per_sm=32),
     "sm_90": Arch("sm_90", 90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024, max_blocks_per_sm=32),
 }
-MODES = ("fp32", "tf32", "bf16", "fp16")  # fp32: IEEE float32 matmuls; tf32: float32 with TF32 tl.dot
+MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # fp32: IEEE float32 matmuls; tf32: float32 with TF32 tl.dot
 MLP_KERNELS = {  # variant: (module in pyfused.kernels, kernel attribute, what the variant is)
     "forward_loss": ("mlp_forward", "mlp_forward_kernel", "forward + NLL, h kept (fused_mlp_nll training)"),
     "forward": ("mlp_forward", "mlp_forward_kernel", "forward, h and y kept (fused_mlp training)"),
@@ -127,7 +127,8 @@ def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS)) -> list[Case]:
     """Every kernel at the seed shape, for every arch, mode and bias flag, and every activation of the kernels
     that take one."""
     return [Case(k, a, m, b, activation=act) for k in kernels for a in archs for m in MODES for b in (True, False)
-            for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))]
+            for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))
+            if not (m == "fp64" and k in SGD_KERNELS)]  # FusedSGD's kernel takes no float64 parameters
 
 
 def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[Case]:
@@ -166,7 +167,8 @@ class _Recorder:
 def _dtype(mode: str):
     import torch
 
-    return {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    return {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+            "fp64": torch.float64}[mode]
 
 
 def _call_launcher(case: Case, module) -> None:
@@ -174,6 +176,7 @@ def _call_launcher(case: Case, module) -> None:
     import torch
 
     dtype = _dtype(case.mode)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the launchers' accumulator/statistics dtype
     n_rows, n_in, n_hidden, n_out = case.n_rows, case.n_in, case.n_hidden, case.n_out
 
     def t(*shape, dt=dtype):
@@ -189,7 +192,7 @@ def _call_launcher(case: Case, module) -> None:
     elif k.startswith("rows"):
         h = t(n_rows, n_hidden)
         if k == "rows_loss":
-            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=torch.float32),
+            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=acc),
                                      activation=case.activation)
         else:
             module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out), activation=case.activation)
@@ -201,19 +204,19 @@ def _call_launcher(case: Case, module) -> None:
         module.linear_act(x, w1, b1, case.activation)
     elif k.startswith("step"):
         h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
-        stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=torch.float32)
+        stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=acc)
         params = (w1, b1, w2, b2)
         like = lambda dt: [None if p is None else torch.empty_like(p, dtype=dt) for p in params]  # noqa: E731
-        hp = t(4, module.HP_WIDTH.value, dt=torch.float32)
+        hp = t(4, module.HP_WIDTH.value, dt=acc)
         if k == "step_rows":
             module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats, case.activation)
         elif k == "step_grads":
             module.step_grads(x, h, dz, dh, stats, params, like(dtype), None, hp, t(dt=dtype))
         elif k == "step_accumulate":  # with a process group's all-reduced totals
-            module.step_accumulate(x, h, dz, dh, stats, params, like(torch.float32), t(2, dt=torch.float32), 3,
+            module.step_accumulate(x, h, dz, dh, stats, params, like(acc), t(2, dt=acc), 3,
                                    True, t(dt=dtype))
         else:
-            module.step_update(params, like(dtype), like(torch.float32), None, hp, 3, 2)
+            module.step_update(params, like(dtype), like(acc), None, hp, 3, 2)
     else:
         params = [p for p in (w1, b1, w2, b2) if p is not None]
         momentum = k == "sgd"
