@@ -320,4 +320,14 @@ def main(argv: list[str] | None = None, log=print) -> int:
     rows = report.read_csv(csv_path)
     write_reports(folder, rows)
     log(f"wrote {csv_path}, {folder / report.MD_NAME} and the speed-up plots")
-    return 0 if all(r["status"] == "ok" for r in new) else 1
+    return 0 if all(_acceptable(r) for r in new) else 1
+
+
+def _acceptable(row: dict) -> bool:
+    """Whether a row lets the run succeed: every pyfused row must be ok; a PyTorch baseline that the gate finds
+    wrong is reported (its status says why, and it gets no time) but is PyTorch's problem, not the run's — e.g.
+    torch 2.11's CPU ``SGD(fused=True)`` rounds bfloat16 updates 15× worse than its for-loop (max error 7.3e-3
+    against 4.9e-4 after one step). A baseline that errors still fails the run."""
+    if row["status"] == "ok":
+        return True
+    return row["impl"] not in cases.PYFUSED_IMPLS and row["status"].startswith("mismatch")

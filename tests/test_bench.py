@@ -20,6 +20,11 @@ TINY = ["--device", "cpu", "--quick", "--batch", "8", "--hidden", "16", "--in-fe
         "--reps", "3", "--rounds", "1", "--retries", "0"]
 
 
+# PyTorch baselines the correctness gate may rightly refuse: torch 2.11's CPU SGD(fused=True) rounds bfloat16
+# updates 15x worse than its for-loop (max error 7.3e-3 against 4.9e-4 after one step; torch 2.14 agrees).
+TORCH_MISMATCHES = {("eager_fused_sgd", "bf16")}
+
+
 def _quiet(*_):
     pass
 
@@ -43,6 +48,8 @@ def test_quick_cpu_run_has_every_listed_row(tmp_path):
     assert {r["case"] for r in rows} == set(cases.CASES)
     assert {"eager", "pyfused"} <= {r["impl"] for r in rows}
     for row in rows:
+        if (row["impl"], row["dtype"]) in TORCH_MISMATCHES and row["status"].startswith("mismatch"):
+            continue  # the gate's verdict on PyTorch itself (see TORCH_MISMATCHES)
         assert row["status"] == "ok", row
         assert float(row["median_us"]) > 0 and float(row["speedup_vs_eager"]) > 0 and int(row["reps"]) == 3
         assert row["roofline_frac"] == "n/a" and float(row["setup_s"]) >= 0
