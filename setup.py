@@ -15,7 +15,7 @@ setup(
     packages=["pyfused", "pyfused.kernels"],
     package_dir={"pyfused": "pyfused", "pyfused.kernels": "kernels"},
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.11",  # the oldest torch CI tests (.ci/run: 2.11.0, the GPU machine's)
         "torchvision",
         "triton; platform_system == 'Linux'",
     ],
