@@ -57,8 +57,46 @@ def hidden_block(n_hidden: int, block_out: int) -> int:
     return dot_block(n_hidden, max(16, min(64, 4096 // block_out)))
 
 
-def launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+_observers = []  # callables told of every launch (see observe)
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` with ``device`` current (:func:`on_device`): every pyfused launch goes
-    through here, so a kernel always runs on its tensors' GPU and that GPU's current stream."""
+    through here, so a kernel always runs on its tensors' GPU and that GPU's current stream. Returns what Triton
+    returns (the compiled kernel on a GPU)."""
     with on_device(device):
-        kernel[grid](*args, **kwargs)
+        compiled = kernel[grid](*args, **kwargs)
+    if _observers:
+        for observer in _observers:
+            observer(Launched(kernel, grid, device, args, kwargs, compiled))
+    return compiled
+
+
+class Launched:
+    """One launch as :func:`observe` reports it: the jit function, grid, device, arguments and Triton's result
+    (a ``CompiledKernel`` on a GPU, with ``n_regs`` / ``n_spills``). :meth:`again` repeats it exactly."""
+
+    __slots__ = ("kernel", "grid", "device", "args", "kwargs", "compiled")
+
+    def __init__(self, kernel, grid, device, args, kwargs, compiled):
+        self.kernel, self.grid, self.device, self.args, self.kwargs, self.compiled = \
+            kernel, grid, device, args, kwargs, compiled
+
+    @property
+    def name(self) -> str:
+        return getattr(getattr(self.kernel, "fn", None), "__name__", None) or getattr(self.kernel, "__name__", "?")
+
+    def again(self):
+        with on_device(self.device):
+            return self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+@contextlib.contextmanager
+def observe(callback):
+    """Tell ``callback`` of every launch made inside the block (a :class:`Launched` each): launch counts, the
+    compiled kernels' resources, single launches to time (``python -m bench.gpu_check``)."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)

@@ -171,8 +171,9 @@ def _dtype(mode: str):
             "fp64": torch.float64}[mode]
 
 
-def _call_launcher(case: Case, module) -> None:
-    """Call the launcher of ``case.kernel`` on meta tensors of the case's sizes."""
+def _call_launcher(case: Case, module, device="meta") -> None:
+    """Call the launcher of ``case.kernel`` on zero tensors of the case's sizes: ``meta`` tensors to capture the
+    launch without a GPU, or CUDA tensors to compile and run it there (``python -m bench.gpu_check``)."""
     import torch
 
     dtype = _dtype(case.mode)
@@ -180,7 +181,7 @@ def _call_launcher(case: Case, module) -> None:
     n_rows, n_in, n_hidden, n_out = case.n_rows, case.n_in, case.n_hidden, case.n_out
 
     def t(*shape, dt=dtype):
-        return torch.empty(shape, device="meta", dtype=dt)
+        return torch.zeros(shape, device=device, dtype=dt)
 
     x, w1, w2 = t(n_rows, n_in), t(n_hidden, n_in), t(n_out, n_hidden)
     b1, b2 = (t(n_hidden), t(n_out)) if case.bias else (None, None)
@@ -206,7 +207,7 @@ def _call_launcher(case: Case, module) -> None:
         h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
         stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=acc)
         params = (w1, b1, w2, b2)
-        like = lambda dt: [None if p is None else torch.empty_like(p, dtype=dt) for p in params]  # noqa: E731
+        like = lambda dt: [None if p is None else torch.zeros_like(p, dtype=dt) for p in params]  # noqa: E731
         hp = t(4, module.HP_WIDTH.value, dt=acc)
         if k == "step_rows":
             module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats, case.activation)
@@ -220,8 +221,8 @@ def _call_launcher(case: Case, module) -> None:
     else:
         params = [p for p in (w1, b1, w2, b2) if p is not None]
         momentum = k == "sgd"
-        table = module.make_sgd_table(params, [torch.empty_like(p) for p in params],
-                                      [torch.empty_like(p) if momentum else None for p in params],
+        table = module.make_sgd_table(params, [torch.zeros_like(p) for p in params],
+                                      [torch.zeros_like(p) if momentum else None for p in params],
                                       [False] * len(params))
         lr = 0.15 if momentum else t(1, dt=torch.float32)
         module.fused_sgd(table, lr, momentum=0.9 if momentum else 0.0, dampening=0.0,

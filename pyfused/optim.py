@@ -52,8 +52,8 @@ class FusedSGD(torch.optim.Optimizer):
     Args: as torch.optim.SGD (``params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
     *, maximize=False``). ``lr`` may be a 1-element tensor: the kernel reads it on the device at every step
     (a captured CUDA graph then sees schedule changes); it must live on the parameters' device or the CPU.
-    Kernel path: float32, float16 and bfloat16 parameters, each group on one device. Sparse gradients are
-    refused.
+    Kernel path: dense float32, float16 and bfloat16 parameters (others, e.g. float64 or complex, take the foreach
+    path in the same step), each group on one device. Sparse gradients are refused.
 
     CUDA graphs: a captured step replays the launch with the address table it read. Run the first step (which
     makes the momentum buffers and the table) eagerly before capture, and keep the gradients at fixed addresses
@@ -96,19 +96,30 @@ class FusedSGD(torch.optim.Optimizer):
             if not params:
                 continue
             device = params[0].device
+            for i, (p, g, b) in enumerate(zip(params, grads, buffers or [None] * len(params))):
+                for name, t in (("parameter", p), ("grad", g), ("momentum_buffer", b)):
+                    if t is not None and t.device != device:
+                        raise RuntimeError(f"FusedSGD needs each param group on one device: {name} {i} is on "
+                                           f"{t.device}, the group's first parameter on {device}")
+            rest = list(range(len(params)))
             if backend.use_triton(device):
-                self._kernel_step(index, group, params, grads, buffers, device)
-                continue
-            for p in params:
-                if p.device != device:
-                    raise RuntimeError(f"FusedSGD needs each param group on one device, got {device} and {p.device}")
-            _foreach_sgd(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                         dampening=group["dampening"], weight_decay=group["weight_decay"],
-                         nesterov=group["nesterov"], maximize=group["maximize"])
-            if group["momentum"] != 0:
-                for p, buf in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
+                takes = [_kernel_takes(p, g, b) for p, g, b in zip(params, grads, buffers or [None] * len(params))]
+                if any(takes):
+                    pick = lambda items: [t for t, k in zip(items, takes) if k]  # noqa: E731
+                    self._kernel_step(index, group, pick(params), pick(grads), pick(buffers), device)
+                rest = [i for i, k in enumerate(takes) if not k]  # e.g. float64: the foreach path, same step
+            if rest:
+                self._foreach_step(group, [params[i] for i in rest], [grads[i] for i in rest],
+                                   [buffers[i] for i in rest] if buffers else [])
         return loss
+
+    def _foreach_step(self, group, params, grads, buffers):
+        _foreach_sgd(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
+                     dampening=group["dampening"], weight_decay=group["weight_decay"],
+                     nesterov=group["nesterov"], maximize=group["maximize"])
+        if group["momentum"] != 0:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf
 
     def _gather(self, group):
         """The group's parameters that have a gradient, their gradients, and their momentum buffers (None
@@ -165,6 +176,13 @@ class FusedSGD(torch.optim.Optimizer):
                           weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
 
 
+def _kernel_takes(p, grad, buf) -> bool:
+    """Whether the kernel updates ``p``: a dtype of :data:`KERNEL_DTYPES`, dense, with its grad and momentum
+    buffer of the same dtype and strides. Other parameters (float64, complex, strided) take the foreach path."""
+    return p.dtype in KERNEL_DTYPES and _dense(p) and all(
+        t is None or (t.dtype == p.dtype and t.stride() == p.stride()) for t in (grad, buf))
+
+
 def _capturing(device: torch.device) -> bool:
     """Whether the current CUDA stream is being captured into a graph (never on other devices)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -183,18 +201,7 @@ def _dense(t: torch.Tensor) -> bool:
 def _build_tables(sgd, params, grads, buffers, fresh, device):
     """Validate a group for the kernel and build one address table per parameter dtype (first-seen order)."""
     by_dtype = {}
-    for i, (p, g, b) in enumerate(zip(params, grads, buffers)):
-        for name, t in (("parameter", p), ("grad", g), ("momentum_buffer", b)):
-            if t is not None and t.device != device:
-                raise RuntimeError(f"FusedSGD needs each param group on one device: {name} {i} is on {t.device}, "
-                                   f"the group's first parameter on {device}")
-        if p.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"FusedSGD's kernel takes {KERNEL_DTYPES} parameters, got {p.dtype} "
-                            "(use PYFUSED_BACKEND=torch)")
-        if not _dense(p) or any(t is not None and (t.dtype != p.dtype or t.stride() != p.stride()) for t in (g, b)):
-            raise RuntimeError(f"FusedSGD's kernel needs each parameter dense, with its grad and momentum_buffer of "
-                               f"the same dtype and strides; parameter {i} has strides {p.stride()}, grad "
-                               f"{g.stride()}, buffer {None if b is None else b.stride()}")
+    for i, p in enumerate(params):
         by_dtype.setdefault(p.dtype, []).append(i)
     tables = []
     for dtype, idx in by_dtype.items():

@@ -201,6 +201,30 @@ def test_half_dtypes_mixed_in_one_group(backend, device, dtype):
                 assert (a.double() - r).norm() <= 2 * (b.double() - r).norm() + 1e-3
 
 
+def test_dtypes_and_layouts_the_kernel_does_not_take_use_foreach_in_the_same_step(backend, device):
+    """float64, complex64 and a strided float32 parameter beside kernel ones in one group: each result is torch's
+    (those three exactly: torch's own ops), momentum buffers included."""
+    ours = make_params(device)[:3]
+    ours += [torch.randn(5, 3, dtype=torch.float64, device=device).requires_grad_(),
+             torch.randn(4, dtype=torch.complex64, device=device).requires_grad_(),
+             torch.randn(6, 8, device=device)[:, ::2].requires_grad_()]  # not dense
+    theirs = twin(ours)
+    options = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+    opt, ref = FusedSGD(ours, **options), torch.optim.SGD(theirs, **options)
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device, p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        exact = i >= 3 or backend == "torch"
+        torch.testing.assert_close(a, b, **(dict(rtol=0, atol=0) if exact else KERNEL_TOL[torch.float32]))
+        torch.testing.assert_close(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"],
+                                   **(dict(rtol=0, atol=0) if exact else KERNEL_TOL[torch.float32]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=-0.1), "learning rate"),
     (dict(lr=torch.tensor([0.1, 0.2])), "1-element"),

@@ -1,0 +1,82 @@
+"""``python -m bench.gpu_check``: without CUDA it runs what it can (environment, correctness on Triton's
+interpreter, launch counts) and marks the GPU stages skipped; its GPU stages' code paths run here on the CPU at
+tiny sizes, so the command cannot rot between GPU sessions."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import gpu_check  # noqa: E402
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run (CI's); on a GPU run the command itself")
+
+
+@NO_CUDA
+def test_cpu_run_writes_the_report(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--budget-s", "300"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    table = {line.split("|")[1].strip().split(". ", 1)[1]: line.split("|")[2].strip()
+             for line in text.splitlines() if line.startswith("| ") and ". " in line.split("|")[1]}
+    assert table == {"environment": "pass", "correctness": "pass", "launches": "pass",
+                     "seed_job": "skipped: no CUDA", "timings": "skipped: no CUDA", "registers": "skipped: no CUDA"}
+    assert "python -m bench.gpu_check --out" in text and torch.__version__ in text
+    with open(tmp_path / "correctness.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"].split()[0] for r in rows} == {"fp32", "fp16", "fp64"}
+    assert {r["check"] for r in rows} >= {"fused_mlp", "fused_mlp_nll", "fused_deep_mlp", "FusedMLP+FusedSGD",
+                                         "FusedTrainStep"}
+    assert all(r["ok"] == "True" and r["device"] and r["command"] and r["date"] for r in rows)
+    with open(tmp_path / "launches.csv", encoding="utf-8") as f:
+        launches = {r["what"]: float(r["pyfused_launches"]) for r in csv.DictReader(f)}
+    assert launches["FusedTrainStep call"] == 2
+
+
+def test_a_failed_check_fails_the_stage(tmp_path, monkeypatch):
+    """A kernel that is wrong shows as a failed output with its error, and the stage (and the run) fail."""
+    monkeypatch.setattr(gpu_check, "variants", lambda cuda: [gpu_check.Variant("fp32", (9, 12, 10, 4), True, "relu")])
+    real = gpu_check.pyfused.fused_mlp
+    monkeypatch.setattr(gpu_check.pyfused, "fused_mlp", lambda *a, **k: real(*a, **k) * 1.001)
+    report = gpu_check.Report(tmp_path, "test", 100)
+    gpu_check.stage_correctness(report, torch.device("cpu"))
+    assert report.stages["correctness"][0] == "fail"
+    assert "Failures:" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
+    """The timing and seed-job stages at tiny sizes on the CPU (kernels on the interpreter): rows for every
+    implementation and launch, the report written."""
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+    report = gpu_check.Report(tmp_path, "test", 300)
+    cpu = torch.device("cpu")
+    gpu_check.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
+                                                   dims=(32, 16, 10)),
+                            launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)))
+    assert report.stages["timings"][0] == "pass", report.stages["timings"]
+    seed = {r["impl"]: r for r in report.csv["timings_seed_step"]}
+    assert set(seed) == {"eager", "pyfused", "fused_train_step"} and all(r["status"] == "ok" for r in seed.values())
+    launches = report.csv["timings_launches"]
+    assert {(r["batch"], r["what"]) for r in launches} >= {
+        (8, "FusedTrainStep launch 1: step_rows_kernel"), (40, "FusedTrainStep launch 2: step_grads_kernel"),
+        (8, "module step launch 4: sgd_kernel"), (40, "FusedTrainStep (whole call)")}
+    assert all(float(r["median_us"]) > 0 for r in launches)
+    monkeypatch.setenv("PYFUSED_BACKEND", "auto")
+    gpu_check.stage_seed_job(report, cpu, epochs=1, extra=("--limit", "600"))
+    assert report.stages["seed_job"][0] == "pass", report.stages["seed_job"]
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Seed step" in text and "speed ratio" in text
+
+
+def test_committed_compile_report_parses():
+    table = gpu_check.committed_report("sm_90")
+    for kernel in ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads"):
+        regs, spill = table[(kernel, "fp32", "no")]
+        assert int(regs) > 0 and spill.count("/") == 1
