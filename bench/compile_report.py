@@ -14,12 +14,12 @@ import platform
 from importlib.metadata import version
 from pathlib import Path
 
-from pyfused import gpu_compile as gc
+from bench import gpu_compile as gc
 
 OUT = Path(__file__).resolve().parent / "results" / "compile"
-ALL_KERNELS = (*gc.MLP_KERNELS, *gc.SGD_KERNELS, *gc.STEP_KERNELS)
-SHORT = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_H": "H", "BLOCK_OUT": "OUT", "BLOCK": "BLOCK",
-         "num_warps": "w", "num_stages": "s"}
+ALL_KERNELS = tuple(gc.ALL_KERNELS)
+SHORT = {"BLOCK_M": "M", "BLOCK_MS": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_H": "H", "BLOCK_OUT": "OUT",
+         "BLOCK": "BLOCK", "num_warps": "w", "num_stages": "s"}
 
 
 def config_text(config: dict) -> str:
@@ -27,7 +27,9 @@ def config_text(config: dict) -> str:
     parts = []
     for key, short in SHORT.items():
         if key in config:
-            parts.append(f"{config[key]}{short}" if short in ("w", "s") else f"{short}{config[key]}")
+            value = config[key]
+            value = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            parts.append(f"{value}{short}" if short in ("w", "s") else f"{short}{value}")
     return " ".join(parts)
 
 
@@ -80,7 +82,7 @@ def render(arch: gc.Arch, seed: dict, sweep: dict, command: str) -> str:
             for c, r in seed.items()]
     lines += _table(header, rows)
     lines += ["", "Kernel variants:", ""]
-    lines += [f"- `{name}`: {what}" for name, (_, _, what) in {**gc.MLP_KERNELS, **gc.SGD_KERNELS, **gc.STEP_KERNELS}.items()]
+    lines += [f"- `{name}`: {what}" for name, (_, _, what) in gc.ALL_KERNELS.items()]
     lines += ["", "The hidden activation is relu unless the kernel names another (the sweep is relu only).", ""]
     lines += ["", "## Sweep (with bias; sizes B × in → hidden → out)", ""]
     header = ["shape", "kernel", "mode", "config", "grid", "regs", "spill", "shared", "blocks/SM", "occ.", "note"]

@@ -102,7 +102,8 @@ def variants(cuda: bool) -> list[Variant]:
     shapes (sizes that are not multiples of any block) — sized to compile in about a minute on a GPU."""
     if not cuda:  # the interpreter: small shapes, no bfloat16 / TF32
         small, ragged = (13, 29, 19, 7), (40, 24, 36, 5)
-        return ([Variant(m, small, b, a) for m in ("fp32", "fp16", "fp64") for b, a in ((False, "relu"), (True, "sigmoid"))]
+        return ([Variant(m, small, b, a) for m in ("fp32", "fp16", "fp64")
+                 for b, a in ((False, "relu"), (True, "sigmoid"))]
                 + [Variant("fp32", ragged, True, "relu")])
     ragged = (333, 100, 72, 33)
     return ([Variant(m, SEED, False, "relu") for m in ("fp32", "tf32", "bf16", "fp16", "fp64")]
@@ -213,7 +214,8 @@ def stage_environment(report: Report, device: torch.device) -> None:
         props = torch.cuda.get_device_properties(device)
         facts.update({"GPU": props.name, "compute capability": f"{props.major}.{props.minor}",
                       "SMs": props.multi_processor_count, "memory": f"{props.total_memory / 2**30:.1f} GiB",
-                      "L2": f"{getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB", "CUDA (torch)": torch.version.cuda})
+                      "L2": f"{getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB",
+                      "CUDA (torch)": torch.version.cuda})
         smi = _nvidia_smi("driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,"
                           "temperature.gpu,persistence_mode")
         names = ("driver", "SM clock (MHz)", "max SM clock (MHz)", "memory clock (MHz)", "max memory clock (MHz)",
@@ -446,7 +448,8 @@ def _correctness_report(report: Report, rows: list[dict], cuda: bool, state: str
         by_check[(r["variant"], r["check"])] = (n + 1, bad + (not r["ok"]))
     lines = [f"Tolerances (the tests'): {_rules_text()}. "
              + ("Kernels on CUDA." if cuda else "Kernels on Triton's interpreter (no CUDA), at small shapes."), ""]
-    lines += _table(["variant", "check", "outputs", "failed"], [[k[0], k[1], n, bad] for k, (n, bad) in by_check.items()])
+    lines += _table(["variant", "check", "outputs", "failed"],
+                    [[k[0], k[1], n, bad] for k, (n, bad) in by_check.items()])
     if failed:
         lines += ["", "Failures:", ""]
         lines += _table(["variant", "check", "output", "max error", "worst excess", "error"],
@@ -551,7 +554,8 @@ def stage_launches(report: Report, device: torch.device) -> None:
             if not same:
                 problems.append("the captured step does not replay the eager result bit for bit")
     report.rows("launches", rows)
-    header = ["what", "launches at pyfused's launcher", "kernels"] + (["CUDA kernels (profiler)", "names"] if cuda else [])
+    header = ["what", "launches at pyfused's launcher", "kernels"]
+    header += ["CUDA kernels (profiler)", "names"] if cuda else []
     lines += _table(header, [[r["what"], r["pyfused_launches"], r["kernels"]]
                              + ([r.get("cuda_kernels", ""), r.get("cuda_kernel_names", "")] if cuda else [])
                              for r in rows])
@@ -732,7 +736,7 @@ def committed_report(arch: str) -> dict:
 def stage_registers(report: Report, device: torch.device) -> None:
     import importlib
 
-    from pyfused import gpu_compile as gc
+    from bench import gpu_compile as gc
     from pyfused.kernels.launch import observe
 
     props = torch.cuda.get_device_properties(device)
@@ -745,7 +749,7 @@ def stage_registers(report: Report, device: torch.device) -> None:
             continue
         if report.out_of_time(reserve_s=5):
             break
-        module_name, _, _ = {**gc.MLP_KERNELS, **gc.SGD_KERNELS, **gc.STEP_KERNELS}[case.kernel]
+        module_name, _, _ = gc.ALL_KERNELS[case.kernel]
         module = importlib.import_module(f"pyfused.kernels.{module_name}")
         seen = []
         try:

@@ -3,9 +3,9 @@
 ``tile_product`` computes one ``BLOCK_M × BLOCK_N`` tile of ``A @ B`` (operands in their storage dtype, an fp32
 or fp64 accumulator) for matrices given by pointer and strides, so a transposed operand is only a swap of
 strides. Optionally it also makes the row sums of ``A`` (``Σ_k A[m, k]``): with ``A = dZᵀ`` these are the bias
-gradients, taken from the tile that is already on chip. ``gemm_tile`` stores the tile; the training step's
-kernel applies the SGD update to it instead. Grouped kernels call them once per tile of several independent
-products in a single launch (see :mod:`pyfused.kernels.mlp_backward`).
+gradients, taken from the tile that is already on chip. The grouped gradient kernel (:mod:`pyfused.kernels.grads`)
+calls it once per tile of several independent products in a single launch, then stores the tile, adds it to
+gradient sums, or applies the optimizer to it.
 """
 import triton
 import triton.language as tl
@@ -45,26 +45,3 @@ def tile_product(
         if ROWSUM:
             row_sum += tl.sum(a.to(ACC), axis=1)
     return acc, row_sum, rm, rn, pid_n
-
-
-@triton.jit
-def gemm_tile(
-    a_ptr, stride_a_m, stride_a_k,  # A: (M, K)
-    b_ptr, stride_b_k, stride_b_n,  # B: (K, N)
-    c_ptr, stride_c_m, stride_c_n,  # C: (M, N), written in c_ptr's dtype
-    rowsum_ptr,  # (M,) row sums of A, written by the tiles of the first column when ROWSUM
-    M, N, K,
-    tile,  # index of this tile in row-major tile order
-    ROWSUM: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One tile of C = A @ B (``ACC`` accumulator) stored to C; writes BLOCK_M·BLOCK_N (+ BLOCK_M row sums)."""
-    acc, row_sum, rm, rn, pid_n = tile_product(a_ptr, stride_a_m, stride_a_k, b_ptr, stride_b_k, stride_b_n,
-                                               M, N, K, tile, ROWSUM, ACC, BLOCK_M, BLOCK_N, BLOCK_K,
-                                               PRECISION)
-    m_mask = rm < M
-    tl.store(c_ptr + rm[:, None] * stride_c_m + rn[None, :] * stride_c_n,
-             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & (rn < N)[None, :])
-    if ROWSUM:
-        tl.store(rowsum_ptr + rm, row_sum.to(rowsum_ptr.dtype.element_ty), mask=m_mask & (pid_n == 0))

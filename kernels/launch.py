@@ -50,13 +50,6 @@ def dot_block(n: int, cap: int) -> int:
     return min(max(16, triton.next_power_of_2(n)), cap)
 
 
-def hidden_block(n_hidden: int, block_out: int) -> int:
-    """The hidden slice of a kernel that holds a ``BLOCK_H × BLOCK_OUT`` tile of w2: at most 64 and at most
-    4096 / BLOCK_OUT (at least 16). Larger w2 tiles overflow shared memory (out = 1024: 256 KB at BLOCK_H = 64)
-    or spill registers on the IEEE fp32 path (bench/results/compile/)."""
-    return dot_block(n_hidden, max(16, min(64, 4096 // block_out)))
-
-
 _observers = []  # callables told of every launch (see observe)
 
 

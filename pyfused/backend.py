@@ -3,7 +3,7 @@
 ``PYFUSED_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
 - ``auto`` (default): Triton kernels for CUDA tensors, the pure-torch path for everything else;
-- ``torch``: always the pure-torch path (:mod:`pyfused.reference`);
+- ``torch``: always the pure-torch path (:mod:`pyfused.torch_ops`);
 - ``triton``: always the kernels. CPU tensors are accepted only under Triton's interpreter
   (``TRITON_INTERPRET=1``, which must be set before ``triton`` is first imported).
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import types
 
 import torch
 
@@ -59,23 +58,14 @@ def use_triton(device: torch.device, dtype: torch.dtype | None = None) -> bool:
 
 
 @functools.cache
-def _kernel_ops():
-    from pyfused.kernels import linear_act, mlp_backward, mlp_forward
+def _engines():
+    from pyfused.engines import KernelEngine, TorchEngine
 
-    return types.SimpleNamespace(
-        linear_act=linear_act.linear_act,
-        mlp_forward=mlp_forward.mlp_forward,
-        mlp_backward_rows=mlp_backward.mlp_backward_rows,
-        mlp_backward_grads=mlp_backward.mlp_backward_grads,
-        MAX_OUT=mlp_forward.MAX_OUT,
-    )
+    return KernelEngine(), TorchEngine()
 
 
-def mlp_ops(device: torch.device, dtype: torch.dtype | None = None):
-    """The MLP forward/backward functions for tensors on ``device``: the Triton launchers or their torch twins
-    in :mod:`pyfused.reference` (same names, same signatures)."""
-    if use_triton(device, dtype):
-        return _kernel_ops()
-    from pyfused import reference
-
-    return reference
+def engine(device: torch.device, dtype: torch.dtype | None = None):
+    """The engine of the fused ops for tensors on ``device`` (:mod:`pyfused.engines`): the Triton kernels or the
+    pure-torch twins, by :func:`use_triton`."""
+    kernels, twins = _engines()
+    return kernels if use_triton(device, dtype) else twins

@@ -8,6 +8,8 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 ACTIVATIONS = ("relu", "sigmoid")  # the hidden activations of the kernels (pyfused.kernels.activation)
+HEADS = ("log_softmax", "logits")
+LOSSES = ("nll", "cross_entropy", "mse")
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -88,6 +90,27 @@ def check_target(x, target, n_out, reduction, ignore_index) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_mse_target(x, target, n_out, reduction) -> None:
+    """Check F.mse_loss's target: floating point, x's dtype and device, the logits' shape (x.shape[:-1] + (out,))."""
+    _tensor("target", target)
+    expected = (*x.shape[:-1], n_out)
+    if not target.is_floating_point():
+        raise DTypeError(f"target must be a floating-point tensor like the logits, got {target.dtype}")
+    if target.dtype != x.dtype:
+        raise DTypeError(f"target must have x's dtype {x.dtype}, got {target.dtype}")
+    if tuple(target.shape) != expected:
+        raise ShapeError(f"target must have the logits' shape {expected}, got {tuple(target.shape)}")
+    if target.device != x.device:
+        raise DeviceError(f"target must be on x's device {x.device}, got {target.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_choice(name, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def check_target_range(target, n_out, ignore_index) -> None:

@@ -1,115 +1,95 @@
-"""The fused MLP ops: ``fused_mlp`` and ``fused_mlp_nll``.
+"""The fused MLP ops: any depth, a log_softmax or logits head, and the NLL, cross-entropy and MSE losses fused
+into the last layer's kernel (their logit gradient made in the forward pass).
 
-Each op is a ``torch.autograd.Function`` over 2-D inputs whose forward and backward call the backend's
-functions (:func:`pyfused.backend.mlp_ops`: Triton launchers or their pure-torch twins). Under
-``torch.compile`` the same functions run behind the opaque ``torch.library`` ops of :mod:`pyfused.library`,
-so a compiled graph has no breaks; eager calls skip the op registry's overhead and go straight to the
-Function.
+Every op validates its arguments and calls :func:`fused`: eager calls with gradients go through
+:class:`FusedFunction` (a ``torch.autograd.Function`` over the engine of the tensors' device,
+:mod:`pyfused.engines`), inference goes straight to the engine's forward (nothing is kept), and under
+``torch.compile`` the same engine runs behind the opaque ``torch.library`` ops of :mod:`pyfused.custom_ops`.
 
-The loss op reduces inside itself; its backward turns the incoming gradient into the factor of every row
-(:func:`row_scale`) that multiplies the logit gradient made in the forward.
+Weights are in nn.Linear layout (``w_i`` of shape ``(out_i, in_i)``, any strides), biases may be None; ``x`` has
+shape ``(*, in)``. Launches: forward 1, backward 2, for any depth (:mod:`pyfused.engines`).
 """
+from __future__ import annotations
+
 import torch
 
 from pyfused import backend, checks
+from pyfused.engines import Spec
 
 
-def mlp_backward(ops, x, w1, w2, h, needs, has_b1, has_b2, activation, dx_activation=None, **grad):
-    """(dx, dw1, db1, dw2, db2) from the backend ``ops``; ``grad`` is ``dy=, y=`` or ``dlogits=, scale=``.
-    ``needs`` are the five needs_input_grad flags of (x, w1, b1, w2, b2); ``h`` is the ``activation``'s output;
-    with ``dx_activation`` x is that activation's output and dx its pre-activation gradient (deeper MLPs)."""
-    need_x, need_w1, need_b1, need_w2, need_b2 = needs[:5]
-    dz, dh = ops.mlp_backward_rows(h, w2, need_dh=need_x or need_w1 or need_b1, activation=activation, **grad)
-    return ops.mlp_backward_grads(x, w1, h, dz, dh, need_dx=need_x, need_w1=need_w1 or need_b1,
-                                  need_w2=need_w2 or need_b2, has_b1=has_b1, has_b2=has_b2,
-                                  dx_activation=dx_activation)
-
-
-def nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, store_h, activation):
-    """(loss, logit gradient, h, count), after the CPU target range check.
-
-    loss is reduced as asked, in float32 (float64 for float64 x); count is the number of counted rows for
-    "mean" (a 0-dim tensor, read by :func:`row_scale`), else None. Over zero counted rows the mean is 0/0 = NaN.
-    """
-    checks.check_target_range(target, w2.shape[0], ignore_index)
-    _, h, nll, dlogits = ops.mlp_forward(x, w1, b1, w2, b2, target=target, ignore_index=ignore_index,
-                                         store_h=store_h, store_y=False, activation=activation)
-    if reduction == "none":
-        return nll, dlogits, h, None
-    if reduction == "sum":
-        return nll.sum(), dlogits, h, None
-    count = (target != ignore_index).sum()
-    return nll.sum() / count, dlogits, h, count
-
-
-def row_scale(dloss, count):
-    """The factor of every row's logit gradient: dloss (rows,) for "none", dloss for "sum", dloss / count for
-    "mean" — with count at least 1, so that, as in torch, no counted rows give zero gradients, not NaN."""
-    dloss = dloss.to(torch.promote_types(dloss.dtype, torch.float32))
-    return dloss if count is None else dloss / count.clamp(min=1)
-
-
-class _MLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation):
-        ops = backend.mlp_ops(x.device, x.dtype)
-        grads = any(ctx.needs_input_grad)
-        y, h, _, _ = ops.mlp_forward(x, w1, b1, w2, b2, store_h=grads, activation=activation)
-        if grads:
-            ctx.ops, ctx.has_b1, ctx.has_b2, ctx.activation = ops, b1 is not None, b2 is not None, activation
-            ctx.save_for_backward(x, w1, w2, h, y)
-        return y
+class FusedFunction(torch.autograd.Function):
+    """``engine.forward`` / ``engine.backward`` for 2-D x; ``params`` are (w_1, b_1, …, w_L, b_L). Outputs are
+    the result, then the saved tensors (non-differentiable), so that torch.func can trace it (setup_context)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w1, w2, h, y = ctx.saved_tensors
-        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, ctx.activation,
-                             dy=dy, y=y)
-        return (*grads, None)
-
-
-class _MLPNLL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, target, ignore_index, reduction, activation):
-        ops = backend.mlp_ops(x.device, x.dtype)
-        grads = any(ctx.needs_input_grad[:5])
-        loss, dlogits, h, count = nll_forward(ops, x, w1, b1, w2, b2, target, ignore_index, reduction, grads,
-                                              activation)
-        if grads:
-            ctx.ops, ctx.has_b1, ctx.has_b2, ctx.count = ops, b1 is not None, b2 is not None, count
-            ctx.activation = activation
-            ctx.save_for_backward(x, w1, w2, h, dlogits)
-        return loss.to(x.dtype)
+    def forward(x, target, spec, *params):
+        out, saved = backend.engine(x.device, x.dtype).forward(x, params[0::2], params[1::2], target, spec, True)
+        return (out, *saved)
 
     @staticmethod
-    def backward(ctx, dloss):
-        x, w1, w2, h, dlogits = ctx.saved_tensors
-        grads = mlp_backward(ctx.ops, x, w1, w2, h, ctx.needs_input_grad, ctx.has_b1, ctx.has_b2, ctx.activation,
-                             dlogits=dlogits, scale=row_scale(dloss, ctx.count))
-        return (*grads, None, None, None, None)
+    def setup_context(ctx, inputs, output):
+        x, target, spec, *params = inputs
+        ctx.spec = spec
+        ctx.mark_non_differentiable(*output[1:])
+        saved = list(output[1:])
+        if spec.kind == "none":  # the backward starts from the output itself
+            saved[-2] = output[0]
+        ctx.save_for_backward(x, target, *params[0::2], *saved)
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        x, target, *rest = ctx.saved_tensors
+        n_layers = len(ctx.spec.has_bias)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+        grads = backend.engine(x.device, x.dtype).backward(x, rest[:n_layers], target, rest[n_layers:], dout,
+                                                          ctx.spec, needs)
+        return (grads[0], None, None, *grads[1:])
 
 
-def _flat(x):
-    return x.reshape(-1, x.shape[-1])
-
-
-def fused_mlp(x, w1, b1, w2, b2, activation="relu"):
-    """``log_softmax(act(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused; ``act`` is
-    ``activation``: "relu" or "sigmoid".
-
-    Weights in nn.Linear layout: ``w1`` (hidden, in), ``w2`` (out, hidden); ``b1``/``b2`` may be None.
-    Returns (*, out) log-probabilities in x's dtype; differentiable in x, w1, b1, w2, b2.
-    """
-    checks.check_mlp(x, w1, b1, w2, b2)
-    checks.check_activation(activation)
+def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, reduction="mean",
+          ignore_index=-100):
+    """The fused MLP on validated arguments: the head's output ``(*, out)`` without a loss, else the loss
+    (reduced, or of target's shape for "none", or of the logits' shape for MSE "none")."""
+    spec = Spec(tuple(activations), tuple(b is not None for b in biases), head, loss, reduction, ignore_index)
+    n_out = weights[-1].shape[0]
+    flat = x.reshape(-1, x.shape[-1])
+    flat_target = None
+    if target is not None:
+        flat_target = target.reshape(-1) if spec.kind == "class" else target.reshape(-1, n_out)
     if torch.compiler.is_compiling():
-        y = torch.ops.pyfused.mlp(_flat(x), w1, b1, w2, b2, activation)[0]
-    elif torch.is_grad_enabled():
-        y = _MLP.apply(_flat(x), w1, b1, w2, b2, activation)
-    else:  # inference (a Function's needs_input_grad ignores no_grad): the y-only kernel variant, nothing saved
-        y = backend.mlp_ops(x.device, x.dtype).mlp_forward(_flat(x), w1, b1, w2, b2, store_h=False,
-                                                           activation=activation)[0]
-    return y.view(*x.shape[:-1], w2.shape[0])
+        from pyfused import custom_ops
+
+        out = custom_ops.call(flat, flat_target, weights, biases, spec)
+    elif torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in (*weights, *biases))):
+        params = [t for pair in zip(weights, biases) for t in pair]
+        out = FusedFunction.apply(flat, flat_target, spec, *params)[0]
+    else:  # inference: the forward alone, nothing kept (a Function's needs_input_grad ignores no_grad)
+        out = backend.engine(x.device, x.dtype).forward(flat, weights, biases, flat_target, spec, False)[0]
+    if loss == "none":
+        return out.view(*x.shape[:-1], n_out)
+    return out.view(target.shape) if reduction == "none" else out
+
+
+def _check_net(x, weights, biases, activations) -> None:
+    checks.check_layers(x, weights, biases)
+    for activation in activations:
+        checks.check_activation(activation)
+
+
+def _check_loss(x, weights, loss, target, reduction, ignore_index) -> None:
+    if loss == "mse":
+        checks.check_mse_target(x, target, weights[-1].shape[0], reduction)
+    else:
+        checks.check_target(x, target, weights[-1].shape[0], reduction, ignore_index)
+
+
+def fused_mlp(x, w1, b1, w2, b2, activation="relu", *, log_softmax=True):
+    """``log_softmax(act(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused; with
+    ``log_softmax=False`` the logits ``act(x @ w1ᵀ + b1) @ w2ᵀ + b2``. ``act`` is ``activation``, "relu" or
+    "sigmoid". Returns (*, out) in x's dtype; differentiable in x, w1, b1, w2, b2."""
+    _check_net(x, (w1, w2), (b1, b2), (activation,))
+    return fused(x, (w1, w2), (b1, b2), (activation,), head="log_softmax" if log_softmax else "logits")
 
 
 def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100, activation="relu"):
@@ -119,112 +99,51 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     ignored rows; ``"mean"`` divides by the number of non-ignored rows (NaN when there are none, as in torch).
     A CPU target out of range raises IndexError; on CUDA its row's loss is NaN (the host never reads targets).
     """
-    checks.check_mlp(x, w1, b1, w2, b2)
+    _check_net(x, (w1, w2), (b1, b2), (activation,))
     checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
-    checks.check_activation(activation)
-    flat_target = target.reshape(-1)
-    if torch.compiler.is_compiling():
-        loss = torch.ops.pyfused.mlp_nll(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction,
-                                         activation)[0]
-    elif torch.is_grad_enabled():
-        loss = _MLPNLL.apply(_flat(x), w1, b1, w2, b2, flat_target, ignore_index, reduction, activation)
-    else:
-        loss = nll_forward(backend.mlp_ops(x.device, x.dtype), _flat(x), w1, b1, w2, b2, flat_target, ignore_index,
-                           reduction, False, activation)[0].to(x.dtype)
-    return loss.view(target.shape) if reduction == "none" else loss
+    return fused(x, (w1, w2), (b1, b2), (activation,), loss="nll", target=target, reduction=reduction,
+                 ignore_index=ignore_index)
 
 
-def deep_forward(ops, x, target, ignore_index, reduction, activations, ws, bs, store):
-    """A deep MLP's forward: ``linear_act`` for layers 1..L−2, then the fused two-layer head (log_softmax, or
-    the NLL with ``target``). Returns ``(out, h, g, xs, count)``: log-probabilities or the reduced loss (x's
-    dtype); the head's hidden activations (``store``); y or the logit gradient; the layers' inputs
-    ``[x, h_1, ..., h_{L−2}]``; the counted rows for "mean" (else None)."""
-    xs = [x]
-    for w, b, act in zip(ws[:-2], bs[:-2], activations[:-1]):
-        xs.append(ops.linear_act(xs[-1], w, b, act))
-    head = (xs[-1], ws[-2], bs[-2], ws[-1], bs[-1])
-    if target is None:
-        out, h, _, _ = ops.mlp_forward(*head, store_h=store, activation=activations[-1])
-        return out, h, out, xs, None
-    out, g, h, count = nll_forward(ops, *head, target, ignore_index, reduction, store, activations[-1])
-    return out.to(x.dtype), h, g, xs, count
+def fused_mlp_cross_entropy(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100, activation="relu"):
+    """``F.cross_entropy(fused_mlp(x, ..., log_softmax=False).reshape(-1, out), target.reshape(-1), ...)``: the
+    class loss on the logits, fused (the same math as :func:`fused_mlp_nll` on the log-probabilities)."""
+    _check_net(x, (w1, w2), (b1, b2), (activation,))
+    checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
+    return fused(x, (w1, w2), (b1, b2), (activation,), head="logits", loss="cross_entropy", target=target,
+                 reduction=reduction, ignore_index=ignore_index)
 
 
-def deep_backward(ops, dout, h, g, xs, ws, count, loss, activations, has_bias, need_x, need):
-    """``(dx, dw1, db1, ..., dwL, dbL)`` of :func:`deep_forward` (None where not made): the head's two launches,
-    whose dx already carries the derivative of the activation before it, then one grouped gradient launch per
-    earlier layer (its dx likewise). ``need`` holds the flags of (w1, b1, ..., wL, bL)."""
-    grad = dict(dlogits=g, scale=row_scale(dout, count)) if loss else dict(dy=dout, y=g)
-    dx, *grads = mlp_backward(ops, xs[-1], ws[-2], ws[-1], h, (need_x or any(need[:-4]), *need[-4:]),
-                              has_bias[-2], has_bias[-1], activations[-1], dx_activation=activations[-2], **grad)
-    for i in reversed(range(len(ws) - 2)):  # dx is the gradient of layer i's pre-activation
-        if dx is None:  # nothing before this layer needs a gradient
-            grads = [None, None, *grads]
-            continue
-        dx, dw, db, _, _ = ops.mlp_backward_grads(
-            xs[i], ws[i], dx, dx, dx, need_dx=need_x or any(need[:2 * i]), need_w1=need[2 * i] or need[2 * i + 1],
-            need_w2=False, has_b1=has_bias[i], has_b2=False, dx_activation=activations[i - 1] if i > 0 else None)
-        grads = [dw, db, *grads]
-    return (dx, *grads)
+def fused_mlp_mse(x, w1, b1, w2, b2, target, reduction="mean", activation="relu"):
+    """``F.mse_loss(fused_mlp(x, ..., log_softmax=False), target, reduction=...)``, fused: ``target`` is a float
+    tensor of the logits' shape (*, out); "mean" divides by its number of elements, "none" returns its shape."""
+    _check_net(x, (w1, w2), (b1, b2), (activation,))
+    checks.check_mse_target(x, target, w2.shape[0], reduction)
+    return fused(x, (w1, w2), (b1, b2), (activation,), head="logits", loss="mse", target=target, reduction=reduction)
 
 
-class _DeepMLP(torch.autograd.Function):
-    """:func:`deep_forward` / :func:`deep_backward` for eager calls; params are (w1, b1, ..., wL, bL)."""
-
-    @staticmethod
-    def forward(ctx, x, target, ignore_index, reduction, activations, *params):
-        ops = backend.mlp_ops(x.device, x.dtype)
-        ws, bs = params[0::2], params[1::2]
-        grads = any(ctx.needs_input_grad)
-        out, h, g, xs, count = deep_forward(ops, x, target, ignore_index, reduction, activations, ws, bs, grads)
-        if grads:
-            ctx.ops, ctx.activations, ctx.count, ctx.loss = ops, activations, count, target is not None
-            ctx.has_bias = [b is not None for b in bs]
-            ctx.save_for_backward(h, g, *xs, *ws)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        h, g, *rest = ctx.saved_tensors
-        n_layers = len(ctx.has_bias)
-        xs, ws = rest[:n_layers - 1], rest[n_layers - 1:]
-        grads = deep_backward(ctx.ops, dout, h, g, xs, ws, ctx.count, ctx.loss, ctx.activations, ctx.has_bias,
-                              ctx.needs_input_grad[0], ctx.needs_input_grad[5:])
-        return (grads[0], None, None, None, None, *grads[1:])
-
-
-def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean", ignore_index=-100):
-    """``log_softmax`` of an MLP of L = len(weights) ≥ 2 nn.Linear layers, with ``activations[i]`` after layer
-    i + 1 (L − 1 of them, each "relu" or "sigmoid"); with ``target`` the fused NLL loss instead, as
-    :func:`fused_mlp_nll`. ``biases[i]`` may be None. Two layers are :func:`fused_mlp` / :func:`fused_mlp_nll`;
-    deeper ones run their first L − 2 layers through ``linear_act`` and end with the same fused head.
-    Differentiable in x and every weight and bias; under torch.compile the opaque op ``pyfused::deep_mlp``.
-    """
+def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean", ignore_index=-100, *,
+                   log_softmax=True, loss=None):
+    """An MLP of L = len(weights) ≥ 2 nn.Linear layers with ``activations[i]`` after layer i + 1 (L − 1 of them,
+    each "relu" or "sigmoid"), ``biases[i]`` None where absent: the log-probabilities (or the logits with
+    ``log_softmax=False``) of shape (*, out); with ``target``, the loss instead — ``loss`` "nll" (the default of
+    a log_softmax head), "cross_entropy" (the default of a logits head) or "mse" — reduced as asked. One
+    forward launch and two backward launches whatever L (``pyfused::mlp`` under torch.compile)."""
     weights, biases, activations = tuple(weights), tuple(biases), tuple(activations)
     if len(weights) < 2 or len(biases) != len(weights) or len(activations) != len(weights) - 1:
         raise ValueError(f"need L >= 2 weights, L biases (None allowed) and L - 1 activations, got "
                          f"{len(weights)}, {len(biases)} and {len(activations)}")
-    checks.check_layers(x, weights, biases)
-    for activation in activations:
-        checks.check_activation(activation)
-    if len(weights) == 2:
-        args = (x, weights[0], biases[0], weights[1], biases[1])
-        if target is None:
-            return fused_mlp(*args, activation=activations[0])
-        return fused_mlp_nll(*args, target, reduction=reduction, ignore_index=ignore_index, activation=activations[0])
-    out_features = weights[-1].shape[0]
-    if target is not None:
-        checks.check_target(x, target, out_features, reduction, ignore_index)
-        target_shape, target = target.shape, target.reshape(-1)
-    if torch.compiler.is_compiling():
-        out = torch.ops.pyfused.deep_mlp(_flat(x), target, ignore_index, reduction, ",".join(activations), weights,
-                                         [x.new_empty(0) if b is None else b for b in biases])[0]
-    elif torch.is_grad_enabled():
-        params = [t for pair in zip(weights, biases) for t in pair]
-        out = _DeepMLP.apply(_flat(x), target, ignore_index, reduction, activations, *params)
-    else:  # inference: nothing kept for a backward
-        out = deep_forward(backend.mlp_ops(x.device, x.dtype), _flat(x), target, ignore_index, reduction, activations,
-                           weights, biases, False)[0]
+    _check_net(x, weights, biases, activations)
+    head = "log_softmax" if log_softmax else "logits"
     if target is None:
-        return out.view(*x.shape[:-1], out_features)
-    return out.view(target_shape) if reduction == "none" else out
+        if loss is not None:
+            raise ValueError(f"loss={loss!r} needs a target")
+        return fused(x, weights, biases, activations, head=head)
+    loss = loss or ("nll" if log_softmax else "cross_entropy")
+    checks.check_choice("loss", loss, checks.LOSSES)
+    if (loss == "nll") != log_softmax:
+        raise ValueError(f"loss={loss!r} does not fit a {head} head: nll takes log-probabilities "
+                         "(log_softmax=True), cross_entropy and mse the logits (log_softmax=False)")
+    _check_loss(x, weights, loss, target, reduction, ignore_index)
+    return fused(x, weights, biases, activations, head=head, loss=loss, target=target, reduction=reduction,
+                 ignore_index=ignore_index)

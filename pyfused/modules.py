@@ -1,47 +1,103 @@
-"""``FusedMLP``: Linear → ReLU (or sigmoid) → Linear → log_softmax as one module, with nn.Linear's parameters and
-state_dict."""
+"""``FusedMLP`` and ``DeepFusedMLP``: MLPs of nn.Linear layers with a fused forward, head, loss and backward, with
+nn.Linear's parameters, init and state_dict."""
+from __future__ import annotations
+
 import torch
 from torch import nn
 
 from pyfused import checks
-from pyfused.functional import fused_deep_mlp, fused_mlp, fused_mlp_nll
+from pyfused.functional import fused_deep_mlp
 
 
-class FusedMLP(nn.Module):
-    """``log_softmax(fc2(act(fc1(x))), dim=-1)`` through the fused kernels; ``act`` is ``activation``, "relu"
-    (the default) or "sigmoid".
+class _FusedNet(nn.Module):
+    """What the fused modules share: layers ``fc1 … fcL`` (:meth:`linears`), one activation per hidden layer, a
+    head (log_softmax or the logits), the forward and the fused losses that fit the head."""
+
+    log_softmax = True  # the default, also for modules pickled before the attribute existed
+
+    def linears(self) -> list:
+        """fc1 … fcL."""
+        return [getattr(self, f"fc{i}") for i in range(1, len(self.activations) + 2)]
+
+    def _params(self):
+        layers = self.linears()
+        return [fc.weight for fc in layers], [fc.bias for fc in layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (or, with ``log_softmax=False``, logits) of shape (*, out) for x of shape (*, in)."""
+        return fused_deep_mlp(x, *self._params(), self.activations, log_softmax=self.log_softmax)
+
+    def _loss(self, method, loss, x, target, reduction, ignore_index=-100):
+        if (loss == "nll") != self.log_softmax:
+            head = "log-probabilities (log_softmax=True)" if self.log_softmax else "logits (log_softmax=False)"
+            fits = "nll_loss" if self.log_softmax else "cross_entropy or mse_loss"
+            raise ValueError(f"{type(self).__name__}.{method} does not fit this model's head: it outputs {head}; "
+                             f"use {fits}")
+        return fused_deep_mlp(x, *self._params(), self.activations, target, reduction, ignore_index,
+                              log_softmax=self.log_softmax, loss=loss)
+
+    def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+                 ignore_index: int = -100) -> torch.Tensor:
+        """``F.nll_loss(self(x), target, ...)`` with the loss fused into the last layer's kernel (a log_softmax
+        model)."""
+        return self._loss("nll_loss", "nll", x, target, reduction, ignore_index)
+
+    def cross_entropy(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+                      ignore_index: int = -100) -> torch.Tensor:
+        """``F.cross_entropy(self(x), target, ...)``, fused (a logits model)."""
+        return self._loss("cross_entropy", "cross_entropy", x, target, reduction, ignore_index)
+
+    def mse_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """``F.mse_loss(self(x), target, reduction=...)``, fused (a logits model; target of the logits' shape)."""
+        return self._loss("mse_loss", "mse", x, target, reduction)
+
+
+def _check_head(log_softmax) -> None:
+    if not isinstance(log_softmax, bool):
+        raise TypeError(f"log_softmax must be a bool, got {type(log_softmax).__name__}")
+
+
+class FusedMLP(_FusedNet):
+    """``log_softmax(fc2(act(fc1(x))), dim=-1)`` through the fused kernels — or the logits ``fc2(act(fc1(x)))``
+    with ``log_softmax=False`` —; ``act`` is ``activation``, "relu" (the default) or "sigmoid".
 
     ``fc1 = nn.Linear(in_features, hidden_features, bias)`` and ``fc2 = nn.Linear(hidden_features,
     out_features, bias)`` are created in that order, so under the same ``torch.manual_seed`` the parameters,
     their names and the state_dict equal those of the nn.Linear pair (``fc1.weight``, ``fc1.bias``, ...).
-    The activation has no parameters and is not in the state_dict.
+    The activation and head have no parameters and are not in the state_dict. Losses: :meth:`nll_loss` for a
+    log_softmax model, :meth:`cross_entropy` and :meth:`mse_loss` for a logits model.
     """
 
     activation = "relu"  # the default, also for FusedMLPs pickled before the attribute existed
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None, *, activation: str = "relu") -> None:
+                 device=None, dtype=None, *, activation: str = "relu", log_softmax: bool = True) -> None:
         checks.check_activation(activation)
+        _check_head(log_softmax)
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
-        self.activation = activation
+        self.activation, self.log_softmax = activation, log_softmax
 
     @classmethod
-    def from_linear(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "relu") -> "FusedMLP":
-        """A FusedMLP that shares (does not copy) the Parameters of ``fc1`` and ``fc2``."""
+    def from_linear(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "relu",
+                    log_softmax: bool = True) -> "FusedMLP":
+        """A FusedMLP that shares (does not copy) the Parameters of ``fc1`` and ``fc2`` (either may lack a bias)."""
         checks.check_activation(activation)
+        _check_head(log_softmax)
         for name, fc in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(fc, nn.Linear):
                 raise TypeError(f"{name} must be an nn.Linear, got {type(fc).__name__}")
         if fc2.in_features != fc1.out_features:
             raise ValueError(f"fc2.in_features must equal fc1.out_features ({fc1.out_features}), got {fc2.in_features}")
-        if (fc1.bias is None) != (fc2.bias is None):
-            raise ValueError("fc1 and fc2 must both have a bias or both have none")
         model = cls.__new__(cls)
         nn.Module.__init__(model)
-        model.fc1, model.fc2, model.activation = fc1, fc2, activation
+        model.fc1, model.fc2, model.activation, model.log_softmax = fc1, fc2, activation, log_softmax
         return model
+
+    @property
+    def activations(self) -> tuple:
+        return (self.activation,)
 
     @property
     def in_features(self) -> int:
@@ -55,63 +111,43 @@ class FusedMLP(nn.Module):
     def out_features(self) -> int:
         return self.fc2.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (*, out_features) for x of shape (*, in_features)."""
-        return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
-
-    def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-                 ignore_index: int = -100) -> torch.Tensor:
-        """``F.nll_loss(self(x), target, ...)`` with the loss fused into the forward kernel."""
-        return fused_mlp_nll(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, target,
-                             reduction=reduction, ignore_index=ignore_index, activation=self.activation)
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, hidden_features={self.hidden_features}, " \
-               f"out_features={self.out_features}, bias={self.fc1.bias is not None}, activation={self.activation!r}"
+        return (f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+                f"out_features={self.out_features}, bias={self.fc1.bias is not None}, activation={self.activation!r}, "
+                f"log_softmax={self.log_softmax}")
 
 
-class DeepFusedMLP(nn.Module):
-    """``log_softmax(fcL(act(... act(fc1(x)))))``: an MLP of any depth through the fused kernels.
+class DeepFusedMLP(_FusedNet):
+    """``log_softmax(fcL(act(... act(fc1(x)))))`` — or its logits with ``log_softmax=False`` —: an MLP of any
+    depth through the fused kernels.
 
-    ``DeepFusedMLP(in, h1, ..., out, activation="relu", bias=True, device=None, dtype=None)`` makes
-    ``fc1 = nn.Linear(in, h1, bias)``, ``fc2``, ... ``fcL`` in order (so the same init as the nn.Linear layers
-    of an nn.Sequential under one ``torch.manual_seed``), with ``activation`` after every layer but the last:
-    one name for all, or one per hidden layer (e.g. the course's ``DeepFusedMLP(20, 13, 8, 3,
-    activation=("relu", "sigmoid"))``). With two layers it computes what a :class:`FusedMLP` does, with the same
-    parameter names and kernels (FusedTrainStep takes FusedMLP only).
+    ``DeepFusedMLP(in, h1, ..., out, activation="relu", bias=True, device=None, dtype=None, log_softmax=True)``
+    makes ``fc1 = nn.Linear(in, h1, bias_1)``, ``fc2``, ... ``fcL`` in order (so the same init as the nn.Linear
+    layers of an nn.Sequential under one ``torch.manual_seed``), with ``activation`` after every layer but the
+    last: one name for all, or one per hidden layer; ``bias`` one bool or one per layer — the course's
+    ``DeepFusedMLP(20, 13, 8, 3, activation=("relu", "sigmoid"), bias=(False, False, True), log_softmax=False)``.
+    With two layers it computes what a :class:`FusedMLP` does, with the same parameter names and kernels.
     """
 
-    def __init__(self, *features: int, activation="relu", bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, *features: int, activation="relu", bias=True, device=None, dtype=None,
+                 log_softmax: bool = True) -> None:
         if len(features) < 3:
             raise ValueError(f"DeepFusedMLP needs in, at least one hidden and out features, got {features}")
-        hidden_layers = len(features) - 2
-        activations = (activation,) * hidden_layers if isinstance(activation, str) else tuple(activation)
-        if len(activations) != hidden_layers:
-            raise ValueError(f"activation must be one name or one per hidden layer ({hidden_layers}), "
+        n_layers = len(features) - 1
+        activations = (activation,) * (n_layers - 1) if isinstance(activation, str) else tuple(activation)
+        if len(activations) != n_layers - 1:
+            raise ValueError(f"activation must be one name or one per hidden layer ({n_layers - 1}), "
                              f"got {len(activations)}")
         for name in activations:
             checks.check_activation(name)
+        biases = (bias,) * n_layers if isinstance(bias, bool) else tuple(bias)
+        if len(biases) != n_layers or not all(isinstance(b, bool) for b in biases):
+            raise ValueError(f"bias must be one bool or one per layer ({n_layers}), got {bias!r}")
+        _check_head(log_softmax)
         super().__init__()
-        for i, (n_in, n_out) in enumerate(zip(features, features[1:]), 1):
-            setattr(self, f"fc{i}", nn.Linear(n_in, n_out, bias, device=device, dtype=dtype))
-        self.activations = activations
-
-    def linears(self) -> list:
-        """fc1 ... fcL."""
-        return [getattr(self, f"fc{i}") for i in range(1, len(self.activations) + 2)]
-
-    def _params(self):
-        layers = self.linears()
-        return [fc.weight for fc in layers], [fc.bias for fc in layers]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (*, out) for x of shape (*, in)."""
-        return fused_deep_mlp(x, *self._params(), self.activations)
-
-    def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-                 ignore_index: int = -100) -> torch.Tensor:
-        """``F.nll_loss(self(x), target, ...)`` with the loss fused into the last two layers' kernel."""
-        return fused_deep_mlp(x, *self._params(), self.activations, target, reduction, ignore_index)
+        for i, (n_in, n_out, b) in enumerate(zip(features, features[1:], biases), 1):
+            setattr(self, f"fc{i}", nn.Linear(n_in, n_out, b, device=device, dtype=dtype))
+        self.activations, self.log_softmax = activations, log_softmax
 
     def extra_repr(self) -> str:
-        return f"activations={self.activations}"
+        return f"activations={self.activations}, log_softmax={self.log_softmax}"

@@ -1,191 +1,65 @@
-"""FusedSGD: torch.optim.SGD (momentum, dampening, Nesterov, weight decay, maximize) with a fused update.
+"""FusedSGD, FusedAdam and FusedAdamW: torch.optim.SGD / Adam / AdamW with one fused launch per param group and
+dtype on the Triton path, and torch's own foreach ops on the torch path.
 
-Per parameter, with lr ``η``, momentum ``γ``, dampening ``τ`` and weight decay ``λ``::
+Semantics, defaults, validation (with torch's error messages), param groups, closures and state are torch's:
+``state[p]["momentum_buffer"]`` for SGD (absent while momentum is 0); ``step``, ``exp_avg``, ``exp_avg_sq`` (and
+``max_exp_avg_sq`` with amsgrad) for Adam, so state_dicts load into the torch optimizers and back. The math is
+written once, in :mod:`pyfused.kernels.optimizers` (kernels) and :mod:`pyfused.torch_ops` (its twins).
 
-    g = −grad if maximize else grad;  g = g + λ·p
-    b = g on the first step, else γ·b + (1 − τ)·g;  g = g + γ·b if nesterov else b      (γ ≠ 0 only)
-    p = p − η·g
-
-The state is ``state[p]["momentum_buffer"]`` (a tensor like ``p``, absent while γ = 0), exactly torch's, so
-state_dicts interchange with torch.optim.SGD in both directions.
-
-Backends (:mod:`pyfused.backend`): on the Triton path every parameter of a group is updated by one launch of
-:func:`pyfused.kernels.sgd.sgd_kernel` per parameter dtype, math in float32, driven by a device table of
-addresses that is cached per group and rebuilt only when a parameter, grad or buffer address changes (keep
-``zero_grad(set_to_none=False)`` for addresses that never change); a step then allocates nothing and never
-synchronises with the host. On the torch path the update is the ``torch._foreach_*`` sequence of
-torch.optim.SGD's foreach implementation (math in the parameter dtype), without its grouping overhead and
-without writing into ``.grad``.
+Triton path: every parameter of a group is updated by one launch of
+:func:`pyfused.kernels.optimizers.optimizer_kernel` per parameter dtype, driven by a device table of addresses
+(cached per group, rebuilt only when an address changes: keep ``zero_grad(set_to_none=False)`` for addresses that
+never change) and a float64 device row of hyper-parameters (rewritten only when a value changes). Adam's ``step``
+lives on the parameters' device and the kernel advances it, so a step allocates nothing and never synchronises
+with the host. Parameters the kernel does not take (complex, not dense, their gradient laid out differently)
+take the foreach path in the same step.
 """
 from __future__ import annotations
 
 import torch
 
-from pyfused import backend
+from pyfused import backend, torch_ops
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_options(lr, momentum, dampening, weight_decay, nesterov) -> None:
-    """Raise on what torch.optim.SGD refuses (same cases), and on tensors where only lr may be one."""
-    for name, value in (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
+def _no_tensor(**options) -> None:
+    for name, value in options.items():
         if isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a float (only lr may be a tensor), got a tensor")
+
+
+def _check_lr(lr) -> None:
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-    if lr < 0.0:
-        raise ValueError(f"Invalid learning rate: lr must be >= 0, got {lr}")
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_sgd(lr, momentum, dampening, weight_decay, nesterov, **_) -> None:
+    """What torch.optim.SGD refuses, with its messages; and tensors where only lr may be one."""
+    _no_tensor(momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    _check_lr(lr)
     if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: momentum must be >= 0, got {momentum}")
+        raise ValueError(f"Invalid momentum value: {momentum}")
     if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(
-            f"Nesterov momentum requires a momentum and zero dampening, got momentum={momentum}, "
-            f"dampening={dampening}"
-        )
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-class FusedSGD(torch.optim.Optimizer):
-    """torch.optim.SGD's semantics, defaults and state, each param group updated by one fused launch.
-
-    Args: as torch.optim.SGD (``params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
-    *, maximize=False``). ``lr`` may be a 1-element tensor: the kernel reads it on the device at every step
-    (a captured CUDA graph then sees schedule changes); it must live on the parameters' device or the CPU.
-    Kernel path: dense float32, float16 and bfloat16 parameters (others, e.g. float64 or complex, take the foreach
-    path in the same step), each group on one device. Sparse gradients are refused.
-
-    CUDA graphs: a captured step replays the launch with the address table it read. Run the first step (which
-    makes the momentum buffers and the table) eagerly before capture, and keep the gradients at fixed addresses
-    (``zero_grad(set_to_none=False)``); a step that would build a new table during capture raises. A table a
-    capture used stays alive when a later eager step replaces it, so replays never read freed memory.
-    """
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False):
-        _check_options(lr, momentum, dampening, weight_decay, nesterov)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
-        self._tables = {}  # group index -> (address key, tables, used by a CUDA-graph capture)
-        self._captured_tables = []  # tables replaced after a capture used them (its replays still read them)
-        super().__init__(params, defaults)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-        self.__dict__.setdefault("_tables", {})
-        self.__dict__.setdefault("_captured_tables", [])
-
-    def add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
-        merged = {**self.defaults, **param_group}
-        _check_options(*(merged[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")))
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every parameter that has a gradient; returns ``closure()``'s loss (or None)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for index, group in enumerate(self.param_groups):
-            params, grads, buffers = self._gather(group)
-            if not params:
-                continue
-            device = params[0].device
-            for i, (p, g, b) in enumerate(zip(params, grads, buffers or [None] * len(params))):
-                for name, t in (("parameter", p), ("grad", g), ("momentum_buffer", b)):
-                    if t is not None and t.device != device:
-                        raise RuntimeError(f"FusedSGD needs each param group on one device: {name} {i} is on "
-                                           f"{t.device}, the group's first parameter on {device}")
-            rest = list(range(len(params)))
-            if backend.use_triton(device):
-                takes = [_kernel_takes(p, g, b) for p, g, b in zip(params, grads, buffers or [None] * len(params))]
-                if any(takes):
-                    pick = lambda items: [t for t, k in zip(items, takes) if k]  # noqa: E731
-                    self._kernel_step(index, group, pick(params), pick(grads), pick(buffers), device)
-                rest = [i for i, k in enumerate(takes) if not k]  # e.g. float64: the foreach path, same step
-            if rest:
-                self._foreach_step(group, [params[i] for i in rest], [grads[i] for i in rest],
-                                   [buffers[i] for i in rest] if buffers else [])
-        return loss
-
-    def _foreach_step(self, group, params, grads, buffers):
-        _foreach_sgd(params, grads, buffers, lr=group["lr"], momentum=group["momentum"],
-                     dampening=group["dampening"], weight_decay=group["weight_decay"],
-                     nesterov=group["nesterov"], maximize=group["maximize"])
-        if group["momentum"] != 0:
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
-
-    def _gather(self, group):
-        """The group's parameters that have a gradient, their gradients, and their momentum buffers (None
-        where there is none yet; an empty list while momentum is 0)."""
-        momentum = group["momentum"] != 0
-        params, grads, buffers = [], [], []
-        for p in group["params"]:
-            grad = p.grad
-            if grad is None:
-                continue
-            if grad.layout != torch.strided:
-                raise RuntimeError(f"FusedSGD does not support sparse gradients (got layout {grad.layout}); "
-                                   "use torch.optim.SGD")
-            params.append(p)
-            grads.append(grad)
-            if momentum:
-                buffers.append(self.state[p].get("momentum_buffer"))
-        return params, grads, buffers
-
-    def _kernel_step(self, index, group, params, grads, buffers, device):
-        """One launch per parameter dtype of the group, with the cached address table when still valid."""
-        from pyfused.kernels import sgd
-
-        momentum = group["momentum"]
-        fresh = [False] * len(params)
-        if momentum != 0:
-            for i, (p, buf) in enumerate(zip(params, buffers)):
-                if buf is None:
-                    buffers[i] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    fresh[i] = True
-        else:
-            buffers = [None] * len(params)
-        key = tuple((p.data_ptr(), g.data_ptr(), 0 if b is None else b.data_ptr(), p.numel(), p.dtype)
-                    for p, g, b in zip(params, grads, buffers))
-        cached = self._tables.get(index)
-        capturing = _capturing(device)
-        if cached is None or cached[0] != key or any(fresh):
-            if capturing:
-                raise RuntimeError(
-                    "FusedSGD would build a new address table while a CUDA graph is being captured (the first step, "
-                    "a new momentum buffer, or a parameter or gradient at a new address): run one eager step before "
-                    "capture and keep the gradients allocated (zero_grad(set_to_none=False))")
-            if cached is not None and cached[2]:  # a captured graph reads this table at replay: keep it alive
-                self._captured_tables.append(cached)
-            cached = self._tables[index] = (key, _build_tables(sgd, params, grads, buffers, fresh, device), False)
-            for p, buf, new in zip(params, buffers, fresh):
-                if new:
-                    self.state[p]["momentum_buffer"] = buf
-        elif capturing and not cached[2]:
-            cached = self._tables[index] = (cached[0], cached[1], True)
-        lr = _kernel_lr(group["lr"], device)
-        for table in cached[1]:
-            sgd.fused_sgd(table, lr, momentum=momentum, dampening=group["dampening"],
-                          weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
-
-
-def _kernel_takes(p, grad, buf) -> bool:
-    """Whether the kernel updates ``p``: a dtype of :data:`KERNEL_DTYPES`, dense, with its grad and momentum
-    buffer of the same dtype and strides. Other parameters (float64, complex, strided) take the foreach path."""
-    return p.dtype in KERNEL_DTYPES and _dense(p) and all(
-        t is None or (t.dtype == p.dtype and t.stride() == p.stride()) for t in (grad, buf))
-
-
-def _capturing(device: torch.device) -> bool:
-    """Whether the current CUDA stream is being captured into a graph (never on other devices)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _check_adam(lr, betas, eps, weight_decay, **_) -> None:
+    """What torch.optim.Adam refuses, with its messages (betas as floats)."""
+    _no_tensor(eps=eps, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
+    _check_lr(lr)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -198,20 +72,19 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _build_tables(sgd, params, grads, buffers, fresh, device):
-    """Validate a group for the kernel and build one address table per parameter dtype (first-seen order)."""
-    by_dtype = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    tables = []
-    for dtype, idx in by_dtype.items():
-        backend.use_triton(device, dtype)
-        tables.append(sgd.make_sgd_table([params[i] for i in idx], [grads[i] for i in idx],
-                                         [buffers[i] for i in idx], [fresh[i] for i in idx]))
-    return tables
+def kernel_takes(p, grad, states) -> bool:
+    """Whether the kernel updates ``p``: a dtype of :data:`KERNEL_DTYPES`, dense, its grad and states of the same
+    dtype and strides. Others (complex, strided, a gradient laid out differently) take the foreach path."""
+    return p.dtype in KERNEL_DTYPES and _dense(p) and all(
+        t is None or (t.dtype == p.dtype and t.stride() == p.stride()) for t in (grad, *states))
 
 
-def _kernel_lr(lr, device):
+def capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (never on other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def kernel_lr(lr, device):
     """``lr`` as the kernel takes it: a float, or a 1-element tensor on the parameters' device."""
     if not isinstance(lr, torch.Tensor) or lr.device == device:
         return lr
@@ -220,32 +93,289 @@ def _kernel_lr(lr, device):
     raise RuntimeError(f"lr tensor must be on the parameters' device ({device}) or the CPU, got {lr.device}")
 
 
-def _foreach_sgd(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    """torch.optim.SGD's foreach update, in the parameter dtype; new momentum buffers are put in ``buffers``."""
-    owned = maximize or weight_decay != 0
-    if maximize:
-        grads = torch._foreach_neg(grads)
-        if weight_decay != 0:
-            torch._foreach_add_(grads, params, alpha=weight_decay)
-    elif weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    if momentum != 0:
-        if all(buf is not None for buf in buffers):
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, grads, alpha=1 - dampening)
-        else:
-            for i, (buf, grad) in enumerate(zip(buffers, grads)):
-                if buf is None:
-                    buffers[i] = grad.detach().clone()
-                else:
-                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-        if nesterov and owned:
-            torch._foreach_add_(grads, buffers, alpha=momentum)
-        elif nesterov:
-            grads = torch._foreach_add(grads, buffers, alpha=momentum)
-        else:
-            grads = buffers
-    if isinstance(lr, torch.Tensor):
-        torch._foreach_addcmul_(params, grads, [lr] * len(params), value=-1)
-    else:
-        torch._foreach_add_(params, grads, alpha=-lr)
+class _FusedOptimizer(torch.optim.Optimizer):
+    """The machinery the fused optimizers share: gathering a group's parameters with gradients, the split between
+    the kernel and the foreach path, the cached address tables (kept alive for CUDA graphs) and the device
+    hyper-parameter rows. A subclass names its kernel math (``KIND``) and gives its states, its row and its
+    foreach update."""
+
+    KIND = "sgd"
+
+    def __init__(self, params, defaults):
+        self._tables = {}  # group index -> (address key, tables, used by a CUDA-graph capture)
+        self._captured_tables = []  # tables replaced after a capture used them (its replays still read them)
+        self._hp = {}  # group index -> (host row, device float64 tensor)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name in ("_tables", "_hp"):
+            self.__dict__.setdefault(name, {})
+        self.__dict__.setdefault("_captured_tables", [])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss (or None)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            device = params[0].device
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (got layout "
+                                       f"{g.layout}); use torch.optim.{type(self).__name__[5:]}")
+                if p.device != device or g.device != device:
+                    raise RuntimeError(f"{type(self).__name__} needs each param group on one device: parameter {i} "
+                                       f"is on {p.device}, the group's first parameter on {device}")
+            rest = list(range(len(params)))
+            if backend.use_triton(device):
+                takes = [kernel_takes(p, g, self._existing_states(p)) for p, g in zip(params, grads)]
+                if any(takes):
+                    self._kernel_step(index, group, [p for p, k in zip(params, takes) if k], device)
+                rest = [i for i, k in enumerate(takes) if not k]
+            if rest:
+                self._foreach_step(group, [params[i] for i in rest], [grads[i] for i in rest])
+        return loss
+
+    # ------------------------------------------------------------------ what a subclass gives
+    def _existing_states(self, p) -> list:
+        """The state tensors of ``p`` the kernel would read (those that exist)."""
+        raise NotImplementedError
+
+    def _kernel_states(self, group, p, device):
+        """``(states, step, fresh)`` for the kernel: up to three state tensors of ``p`` (made where missing), Adam's
+        step tensor on ``device`` (else None), whether an SGD buffer is new (no history)."""
+        raise NotImplementedError
+
+    def _row(self, group) -> tuple:
+        """The group's hyper-parameter row (:mod:`pyfused.kernels.optimizers` layouts)."""
+        raise NotImplementedError
+
+    def _flags(self, group) -> dict:
+        """The kernel's flags for the group: ``has_state``, ``amsgrad``."""
+        raise NotImplementedError
+
+    def _foreach_step(self, group, params, grads) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the kernel path
+    def _kernel_step(self, index, group, params, device):
+        from pyfused.kernels import optimizers
+
+        made = [self._kernel_states(group, p, device) for p in params]
+        key = tuple((p.data_ptr(), p.grad.data_ptr(), p.numel(), p.dtype,
+                     *(s.data_ptr() for s in states), 0 if step is None else step.data_ptr())
+                    for p, (states, step, _) in zip(params, made))
+        fresh = [f for _, _, f in made]
+        cached = self._tables.get(index)
+        on_graph = capturing(device)
+        if cached is None or cached[0] != key or any(fresh):
+            if on_graph:
+                raise RuntimeError(
+                    f"{type(self).__name__} would build a new address table while a CUDA graph is being captured "
+                    "(the first step, new state, or a parameter or gradient at a new address): run one eager step "
+                    "before capture and keep the gradients allocated (zero_grad(set_to_none=False))")
+            if cached is not None and cached[2]:  # a captured graph reads this table at replay: keep it alive
+                self._captured_tables.append(cached)
+            cached = self._tables[index] = (key, self._build_tables(optimizers, params, made), False)
+        elif on_graph and not cached[2]:
+            cached = self._tables[index] = (cached[0], cached[1], True)
+        hp = self._hp_tensor(index, group, device)
+        lr = kernel_lr(group["lr"], device)
+        for table in cached[1]:
+            optimizers.optimizer_step(table, hp, optimizer=self.KIND, lr=lr if isinstance(lr, torch.Tensor) else None,
+                                      **self._flags(group))
+
+    def _build_tables(self, optimizers, params, made):
+        """One table per parameter dtype (first-seen order)."""
+        by_dtype = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        tables = []
+        for dtype, idx in by_dtype.items():
+            backend.use_triton(params[0].device, dtype)
+            tables.append(optimizers.make_table(
+                [params[i] for i in idx], [params[i].grad for i in idx], [made[i][0] for i in idx],
+                [made[i][1] for i in idx], [None] * len(idx), [0] * len(idx), [made[i][2] for i in idx], self.KIND))
+        return tables
+
+    def _hp_tensor(self, index, group, device):
+        """The group's float64 device row, rewritten (one host→device copy) when a value changed."""
+        lr = group["lr"]
+        row = (0.0 if isinstance(lr, torch.Tensor) and lr.device == device else float(lr), *self._row(group))
+        cached = self._hp.get(index)
+        if cached is None or cached[0] != row or cached[1].device != device:
+            from pyfused.kernels.optimizers import HP_WIDTH
+
+            host = torch.tensor([row + (0.0,) * (HP_WIDTH.value - len(row))], dtype=torch.float64)
+            tensor = cached[1] if cached is not None and cached[1].device == device else \
+                torch.empty_like(host, device=device)
+            tensor.copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+            cached = self._hp[index] = (row, tensor)
+        return cached[1]
+
+
+class FusedSGD(_FusedOptimizer):
+    """torch.optim.SGD's semantics, defaults and state, each param group updated by one fused launch per dtype.
+
+    Args: as torch.optim.SGD (``params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+    *, maximize=False``). ``lr`` may be a 1-element tensor: the kernel reads it on the device at every step
+    (a captured CUDA graph then sees schedule changes); it must live on the parameters' device or the CPU.
+    Kernel path: dense float32, float16, bfloat16 and float64 parameters (others, e.g. complex or strided, take
+    the foreach path in the same step), each group on one device, math in float32 (float64 for float64). Sparse
+    gradients are refused.
+
+    CUDA graphs: a captured step replays the launch with the address table it read. Run the first step (which
+    makes the momentum buffers and the table) eagerly before capture, and keep the gradients at fixed addresses
+    (``zero_grad(set_to_none=False)``); a step that would build a new table during capture raises. A table a
+    capture used stays alive when a later eager step replaces it, so replays never read freed memory.
+    """
+
+    KIND = "sgd"
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False):
+        _check_sgd(lr, momentum, dampening, weight_decay, nesterov)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
+        _check_sgd(**{**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _existing_states(self, p):
+        buf = self.state.get(p, {}).get("momentum_buffer")
+        return [] if buf is None else [buf]
+
+    def _kernel_states(self, group, p, device):
+        if group["momentum"] == 0:
+            return [], None, False
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            return [state["momentum_buffer"]], None, True
+        return [buf], None, False
+
+    def _row(self, group):
+        return (float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+                float(bool(group["nesterov"])), -1.0 if group["maximize"] else 1.0)
+
+    def _flags(self, group):
+        return dict(has_state=group["momentum"] != 0)
+
+    def _foreach_step(self, group, params, grads):
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        torch_ops.sgd_foreach(params, grads, buffers, lr=group["lr"], momentum=momentum,
+                              dampening=group["dampening"], weight_decay=group["weight_decay"],
+                              nesterov=group["nesterov"], maximize=group["maximize"])
+        for p, buf in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+
+class FusedAdam(_FusedOptimizer):
+    """torch.optim.Adam's semantics, defaults and state, each param group updated by one fused launch per dtype.
+
+    Args: as torch.optim.Adam (``params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+    *, maximize=False``); ``lr`` may be a 1-element tensor. State per parameter: ``step`` (a float32 0-dim tensor —
+    on the parameters' device on the kernel path, which advances it there, as torch's ``fused=True`` keeps it;
+    on the CPU on the torch path, as torch's default), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+    state_dicts load into torch.optim.Adam and back. Kernel math in float32 (float64 for float64), the bias
+    corrections in float64 as torch computes them; CUDA graphs as for :class:`FusedSGD`.
+    """
+
+    KIND = "adam"
+    DECOUPLED = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 maximize=False):
+        _check_adam(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
+        _check_adam(**{**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _decoupled(self, group) -> bool:
+        """AdamW's decoupled weight decay (also a torch Adam state with ``decoupled_weight_decay`` loaded here)."""
+        return bool(group.get("decoupled_weight_decay", self.DECOUPLED))
+
+    def _existing_states(self, p):
+        state = self.state.get(p, {})
+        return [state[k] for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in state]
+
+    def _init_state(self, group, p, step_device):
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _kernel_states(self, group, p, device):
+        state = self._init_state(group, p, device)
+        step = state["step"]
+        if not isinstance(step, torch.Tensor) or step.device != device or step.dtype != torch.float32:
+            step = state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+        names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+        return [state[k] for k in names], step, False
+
+    def _row(self, group):
+        beta1, beta2 = group["betas"]
+        return (float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                -1.0 if group["maximize"] else 1.0, float(self._decoupled(group)))
+
+    def _flags(self, group):
+        return dict(has_state=True, amsgrad=bool(group["amsgrad"]))
+
+    def _foreach_step(self, group, params, grads):
+        states = [self._init_state(group, p, "cpu") for p in params]
+        for state, p in zip(states, params):
+            if not isinstance(state["step"], torch.Tensor):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+        beta1, beta2 = group["betas"]
+        torch_ops.adam_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                               [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
+                               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                               maximize=group["maximize"], decoupled=self._decoupled(group))
+
+
+class FusedAdamW(FusedAdam):
+    """torch.optim.AdamW: :class:`FusedAdam` with decoupled weight decay (``p = p·(1 − lr·λ)`` before the moments),
+    default ``weight_decay=1e-2``. state_dicts load into torch.optim.AdamW and back."""
+
+    DECOUPLED = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+
+    def _decoupled(self, group) -> bool:
+        return True

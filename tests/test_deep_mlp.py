@@ -160,13 +160,14 @@ def test_opcheck(backend):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 6, generator=g).to(DEVICE).requires_grad_()
     target = torch.tensor([0, 2, -100, 1], device=DEVICE)
-    for bias in (True, False):
+    for bias in (True, (False, False, True)):
         model = pyfused.DeepFusedMLP(6, 7, 5, 3, activation=("relu", "sigmoid"), bias=bias, device=DEVICE)
         weights = [fc.weight for fc in model.linears()]
-        biases = [fc.bias if bias else torch.empty(0, device=DEVICE) for fc in model.linears()]
+        biases = [torch.empty(0, device=DEVICE) if fc.bias is None else fc.bias for fc in model.linears()]
         for t, reduction in ((None, "mean"), (target, "mean"), (target, "sum"), (target, "none")):
-            torch.library.opcheck(torch.ops.pyfused.deep_mlp.default,
-                                  (x, t, -100, reduction, "relu,sigmoid", weights, biases))
+            torch.library.opcheck(torch.ops.pyfused.mlp.default,
+                                  (x, t, weights, biases, "relu,sigmoid", "log_softmax",
+                                   "none" if t is None else "nll", reduction, -100))
 
 
 def test_torch_compile_fullgraph(backend):

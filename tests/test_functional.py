@@ -129,27 +129,27 @@ def test_only_some_inputs_need_grad(backend):
 
 
 def test_no_grad_inference_keeps_nothing(backend, monkeypatch):
-    """Under no_grad the forward runs its y-only variant (no h stored), although a Function's needs_input_grad
-    ignores no_grad; the results are those of the graph."""
-    stored = []
-    real = backend_mod.mlp_ops
+    """Under no_grad the engine's forward runs without keeping anything (no activations stored for a backward),
+    although a Function's needs_input_grad ignores no_grad; the results are those of the graph."""
+    kept = []
+    real = backend_mod.engine
 
-    def spying_ops(device, dtype=None):
-        ops = real(device, dtype)
+    def spying_engine(device, dtype=None):
+        engine = real(device, dtype)
 
-        def mlp_forward(*args, **kwargs):
-            stored.append(kwargs.get("store_h", True))
-            return ops.mlp_forward(*args, **kwargs)
-        return types.SimpleNamespace(mlp_forward=mlp_forward, linear_act=ops.linear_act)
+        def forward(*args):
+            kept.append(args[-1])
+            return engine.forward(*args)
+        return types.SimpleNamespace(forward=forward)
 
-    monkeypatch.setattr(backend_mod, "mlp_ops", spying_ops)
+    monkeypatch.setattr(backend_mod, "engine", spying_engine)
     x, w1, b1, w2, b2, target = make((9,), 10, 12, 5, True)
     w0 = torch.randn(10, 10, dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.no_grad():
         y = pyfused.fused_mlp(x, w1, b1, w2, b2)
         loss = pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target)
         deep = pyfused.fused_deep_mlp(x, (w0, w1, w2), (None, b1, b2), ("relu", "relu"))
-    assert stored == [False, False, False]
+    assert kept == [False, False, False]
     assert not (y.requires_grad or loss.requires_grad or deep.requires_grad)
     check(y, reference(x, w1, b1, w2, b2))
     check(loss, F.nll_loss(reference(x, w1, b1, w2, b2), target))

@@ -1,29 +1,41 @@
 """GPU readiness without a GPU: every kernel compiled for sm_80 and sm_90 by Triton's real compiler.
 
-Default run: every kernel of a training step at the seed shape (B=128, 784 → 128 → 10) × {sm_80, sm_90} ×
-{fp32 IEEE, TF32, bf16, fp16} × {bias, no bias}, plus a sample of the size sweep: each must compile, fit the
-architecture's shared memory per block and leave room for a block per SM; the seed shape must not spill.
-The whole sweep (every size of :func:`pyfused.gpu_compile.sweep_cases`) is ``slow``. Compiles run in a
+Default run: every kernel of a training step (module path, FusedTrainStep, accumulating) at the seed shape
+(B=128, 784 → 128 → 10) × {sm_80, sm_90} × {fp32 IEEE, TF32, bf16, fp16, fp64} × {bias, no bias} × the
+activations, the same kernels of a three-layer net (784 → 128 → 128 → 10), the other variants (log-probabilities,
+inference, MSE heads, Adam, the optimizer's other modes) at the seed shape in fp32 and bf16 on sm_90, and the
+extremes of the size sweep: each must compile, fit the architecture's shared memory per block and leave room for
+a block per SM; the kernels of a seed step, two- and three-layer, must not spill. The slow set compiles every
+variant in every mode, the course's programs at their own shapes, and the whole size sweep. Compiles run in a
 process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
 """
 import pytest
 import torch
 import triton
 
-from pyfused import gpu_compile as gc
+from bench import gpu_compile as gc
 
-SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS)
+SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
+OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
+          if c.mode in ("fp32", "bf16") and c.bias and c.activation == "relu"]
 SAMPLE = [  # the extremes of the sweep: fp32 IEEE (FMA, no tensor cores) and bf16 (mma / wgmma)
     gc.Case(kernel, arch, mode, True, *shape)
-    for kernel in ("forward_loss", "rows_loss", "grads")
+    for kernel in ("forward_loss", "rows_loss", "grads", "step_rows", "step_grads")
     for arch, mode, shape in (("sm_90", "fp32", (65536, 4096, 1024, 1024)), ("sm_80", "bf16", (1, 16, 16, 2)))
 ]
+EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
+         + gc.course_cases() if c not in set(SEED + OTHERS)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + SAMPLE)
+    return gc.compile_cases(SEED + OTHERS + SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def every_results():
+    return gc.compile_cases(EVERY)
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +52,24 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + SAMPLE, ids=str)
+@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
 @pytest.mark.parametrize("case", SEED, ids=str)
-def test_seed_shape_does_not_spill(case, default_results):
+def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]
     assert (result["spill_stores"], result["spill_loads"]) == (0, 0), (
         f"{case} ({result['config']}) spills {result['spill_stores']} B / loads {result['spill_loads']} B "
         f"per thread with {result['regs']} registers")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EVERY, ids=str)
+def test_every_variant_compiles_and_fits(case, every_results):
+    _check_fits(case, every_results[case])
 
 
 @pytest.mark.slow
@@ -62,22 +80,28 @@ def test_sweep_compiles_and_fits(case, sweep_results):
 
 def test_capture_records_the_launchers_own_config():
     """The check compiles what the launcher launches: its config function's choice, grid and flags."""
-    from pyfused.kernels.mlp_backward import grads_config
-    from pyfused.kernels.mlp_forward import forward_config
+    from pyfused.kernels.grads import grads_config
+    from pyfused.kernels.rows import rows_config
 
     rows, n_in, hidden, out = 4097, 784, 256, 300
     launch = gc.capture(gc.Case("forward_loss", "sm_90", "tf32", False, rows, n_in, hidden, out))
-    cfg = forward_config(rows, n_in, hidden, out, torch.float32)
+    cfg = rows_config(rows, (n_in, hidden, out), torch.float32, forward=True, backward=False)
     assert {k: launch.kwargs[k] for k in cfg} == cfg
     assert launch.grid == (triton.cdiv(rows, cfg["BLOCK_M"]),)
-    assert (launch.kwargs["HAS_B1"], launch.kwargs["LOSS"], launch.kwargs["STORE_Y"]) == (False, True, False)
+    assert launch.kwargs["HAS_BIAS"] == (False, False) and launch.kwargs["LOSS"] == "class"
+    assert (launch.kwargs["STATS"], launch.kwargs["STORE_OUT"], launch.kwargs["BACKWARD"]) == (True, False, False)
     assert launch.kwargs["PRECISION"] == "tf32"
     launch = gc.capture(gc.Case("grads", "sm_80", "bf16", True, rows, n_in, hidden, out))
-    cfg = grads_config(rows, n_in, hidden, out, torch.bfloat16)
-    tiles = [triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) for m, n in ((hidden, n_in), (out, hidden))]
+    cfg = grads_config(rows, (n_in, hidden, out), torch.bfloat16, "store")
+    tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
+             for i, (m, n) in enumerate(((hidden, n_in), (out, hidden)))]
     assert {k: launch.kwargs[k] for k in cfg} == cfg
     assert launch.grid == (sum(tiles),)
     assert launch.args[0].dtype == torch.bfloat16 and launch.kwargs["PRECISION"] == "ieee"
+    launch = gc.capture(gc.Case("step_grads", "sm_90", "fp32", True, extra_hidden=(64,)))
+    assert launch.kwargs["N_LAYERS"] == 3 and launch.kwargs["EPILOGUE"] == "update"
+    assert launch.grid == (sum(triton.cdiv(m, b) * triton.cdiv(n, 16) for m, n, b in
+                               ((128, 784, 128), (64, 128, 64), (10, 64, 16))) + 1,)
 
 
 @pytest.mark.parametrize("arch, warps, regs, shared, expected", [

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfused
-from pyfused import gpu_compile as gc
+from bench import gpu_compile as gc
 from pyfused.kernels import launch as launch_mod
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -95,7 +95,7 @@ def test_on_device_switches_to_the_tensors_gpu(monkeypatch):
     assert isinstance(launch_mod.on_device(torch.device("cuda", 0)), contextlib.nullcontext)
 
 
-ALL_KERNELS = {**gc.MLP_KERNELS, **gc.SGD_KERNELS, **gc.STEP_KERNELS}
+ALL_KERNELS = gc.ALL_KERNELS
 
 
 @pytest.mark.parametrize("kernel", list(ALL_KERNELS))

@@ -102,16 +102,23 @@ def test_torch_compile_inductor(backend):
     torch.testing.assert_close(compiled, eager)
 
 
+OPCHECK_HEADS = [("log_softmax", "none"), ("logits", "none"), ("log_softmax", "nll"), ("logits", "cross_entropy"),
+                  ("logits", "mse")]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck(backend, bias):
+    """pyfused::mlp (and its backward op) for every head and loss, both activations, two layers."""
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_()  # noqa: E731
-    x, w1, w2 = r(7, 6), r(5, 6), r(3, 5)
-    b1, b2 = (r(5), r(3)) if bias else (None, None)
+    x, weights = r(7, 6), [r(5, 6), r(3, 5)]
+    biases = [r(5), r(3)] if bias else [torch.empty(0, device=DEVICE)] * 2
     t = torch.randint(0, 3, (7,), generator=g).to(DEVICE)
     t[2] = -100
+    t_mse = torch.randn(7, 3, generator=g).to(DEVICE)
     for activation in ("relu", "sigmoid"):
-        torch.library.opcheck(torch.ops.pyfused.mlp.default, (x, w1, b1, w2, b2, activation))
-        for reduction in ("mean", "sum", "none"):
-            torch.library.opcheck(torch.ops.pyfused.mlp_nll.default,
-                                  (x, w1, b1, w2, b2, t, -100, reduction, activation))
+        for head, loss in OPCHECK_HEADS:
+            for reduction in ("mean", "sum", "none") if loss != "none" else ("mean",):
+                target = None if loss == "none" else t_mse if loss == "mse" else t
+                torch.library.opcheck(torch.ops.pyfused.mlp.default,
+                                      (x, target, weights, biases, activation, head, loss, reduction, -100))

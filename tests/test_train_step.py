@@ -247,8 +247,12 @@ def test_errors_name_the_problem():
     opt = FusedSGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="model must be a pyfused.FusedMLP"):
         FusedTrainStep(ref, opt)
-    with pytest.raises(TypeError, match="optimizer must be a pyfused.FusedSGD"):
-        FusedTrainStep(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(TypeError, match="optimizer must be a pyfused.FusedSGD, FusedAdam or FusedAdamW"):
+        FusedTrainStep(model, torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(ValueError, match="loss='cross_entropy' does not fit the model's head"):
+        FusedTrainStep(model, opt, loss="cross_entropy")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        FusedTrainStep(model, opt, reduction="none")
     with pytest.raises(ValueError, match="fc2.bias is not in the optimizer"):
         FusedTrainStep(model, FusedSGD([model.fc1.weight, model.fc1.bias, model.fc2.weight], lr=0.1))
     with pytest.raises(ValueError, match="differentiable"):

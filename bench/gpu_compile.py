@@ -5,14 +5,14 @@ registers; this module checks the real thing. A :class:`Case` names a launcher c
 mode = dtype and matmul precision, bias) and a target architecture. :func:`capture` runs the real launcher
 on ``meta`` tensors (shapes, dtypes and strides, no memory) with its ``@triton.jit`` kernel swapped for a
 recorder, so the grid, arguments, flags, block sizes, warps and stages are the ones the launcher would use:
-its config function (``forward_config``, ``rows_config``, ``grads_config``, ``sgd_config``) is called by the
+its config function (``rows_config``, ``grads_config``, ``optimizer_config``) is called by the
 launcher itself, there is no second copy to drift. Triton's own argument binder specialises the arguments for
 the target (pointer types, ints divisible by 16, ints equal to 1), ``triton.compile`` lowers the kernel to PTX
 and a cubin, and Triton's bundled ``ptxas -v``, run again on that PTX with Triton's flags, reports registers
 and spills. :func:`blocks_per_sm` turns registers, warps and shared memory into resident blocks per SM.
 
 ``@triton.jit`` returns interpreter objects when ``TRITON_INTERPRET`` is set at import, so
-:func:`compile_cases` does the work in a fresh ``python -m pyfused.gpu_compile`` process without it,
+:func:`compile_cases` does the work in a fresh ``python -m bench.gpu_compile`` process without it,
 compiling in a process pool and caching each result as JSON in a folder (a temp dir by default) under a key
 made of the kernel's source hash, its specialised arguments, the target, Triton's version and this file.
 Importing this module imports neither triton nor the kernels.
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import io
 import json
 import multiprocessing
 import os
@@ -68,35 +69,54 @@ ARCHS = {
 }
 MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # fp32: IEEE float32 matmuls; tf32: float32 with TF32 tl.dot
 MLP_KERNELS = {  # variant: (module in pyfused.kernels, kernel attribute, what the variant is)
-    "forward_loss": ("mlp_forward", "mlp_forward_kernel", "forward + NLL, h kept (fused_mlp_nll training)"),
-    "forward": ("mlp_forward", "mlp_forward_kernel", "forward, h and y kept (fused_mlp training)"),
-    "forward_eval": ("mlp_forward", "mlp_forward_kernel", "forward, y only (inference)"),
-    "rows_loss": ("mlp_backward", "mlp_backward_rows_kernel", "dz, dh from the loss (mean reduction)"),
-    "rows": ("mlp_backward", "mlp_backward_rows_kernel", "dz, dh from dy through log_softmax"),
-    "grads": ("mlp_backward", "mlp_backward_grads_kernel", "dw1, db1, dw2, db2 (x without grad)"),
-    "grads_dx": ("mlp_backward", "mlp_backward_grads_kernel", "dx, dw1, db1, dw2, db2"),
-    "grads_dx_act": ("mlp_backward", "mlp_backward_grads_kernel",
-                     "DeepFusedMLP: dx with the previous layer's activation derivative, dw1, db1, dw2, db2"),
-    "linear_act": ("linear_act", "linear_act_kernel", "DeepFusedMLP hidden layer: act(x w1ᵀ + b1)"),
+    "forward_loss": ("rows", "rows_kernel", "module forward + NLL (mean): activations, stats and dz kept"),
+    "forward": ("rows", "rows_kernel", "module forward: activations and log-probabilities kept"),
+    "forward_eval": ("rows", "rows_kernel", "module forward, log-probabilities only (inference)"),
+    "forward_mse": ("rows", "rows_kernel", "module forward + MSE (sum), logits head: activations, stats, dz kept"),
+    "rows_loss": ("rows", "rows_kernel", "module backward rows from the saved logit gradient (mean)"),
+    "rows": ("rows", "rows_kernel", "module backward rows from dy through log_softmax"),
+    "grads": ("grads", "grads_kernel", "module weight gradients dW, db (x without grad)"),
+    "grads_dx": ("grads", "grads_kernel", "module weight gradients and dx"),
 }
-SGD_KERNELS = {
-    "sgd": ("sgd", "sgd_kernel", "momentum SGD over the model's parameters (float lr)"),
-    "sgd_plain": ("sgd", "sgd_kernel", "SGD without momentum, tensor lr, weight decay"),
+SGD_KERNELS = {  # the multi-tensor optimizer kernel (FusedSGD, FusedAdam/AdamW, the train step's update pass)
+    "sgd": ("optimizers", "optimizer_kernel", "FusedSGD: momentum SGD over the model's parameters"),
+    "sgd_plain": ("optimizers", "optimizer_kernel", "FusedSGD without momentum, tensor lr"),
+    "adam": ("optimizers", "optimizer_kernel", "FusedAdam / FusedAdamW"),
+    "adam_amsgrad": ("optimizers", "optimizer_kernel", "FusedAdam, amsgrad, tensor lr"),
 }
 STEP_KERNELS = {
-    "step_rows": ("train_step", "step_rows_kernel", "FusedTrainStep launch 1: forward, NLL, dz, dh, row stats"),
-    "step_grads": ("train_step", "step_grads_kernel", "FusedTrainStep launch 2: dW tiles + momentum SGD, loss"),
-    "step_accumulate": ("train_step", "step_grads_kernel",
+    "step_rows": ("rows", "rows_kernel", "FusedTrainStep launch 1: forward, NLL, dz, hidden gradients, row stats"),
+    "step_rows_mse": ("rows", "rows_kernel", "FusedTrainStep launch 1 with MSE on a logits head"),
+    "step_grads": ("grads", "grads_kernel", "FusedTrainStep launch 2: dW tiles + momentum SGD, loss"),
+    "step_grads_adam": ("grads", "grads_kernel", "FusedTrainStep launch 2: dW tiles + Adam, loss"),
+    "step_accumulate": ("grads", "grads_kernel",
                         "FusedTrainStep launch 2, accumulating (process group / accumulation_steps)"),
-    "step_update": ("train_step", "step_update_kernel", "FusedTrainStep update-only pass after accumulation"),
+    "step_update": ("optimizers", "optimizer_kernel", "FusedTrainStep update-only pass after accumulation (SGD, "
+                    "float32 sums)"),
 }
 SEED = (128, 784, 128, 10)  # rows, in, hidden, out of the reference workload
-ACTIVATION_KERNELS = ("forward_loss", "forward", "forward_eval", "rows_loss", "rows", "step_rows", "grads_dx_act",
-                      "linear_act")
-DEEP_KERNELS = ("linear_act", "grads_dx_act")  # what DeepFusedMLP adds to the two-layer kernels
+ACTIVATION_KERNELS = ("forward_loss", "forward", "forward_eval", "forward_mse", "rows_loss", "rows", "step_rows",
+                      "step_rows_mse")
+DEEP_KERNELS = ("forward_loss", "rows_loss", "grads", "step_rows", "step_grads")  # compiled at depth 3 too
 # the kernels of a seed step: module path, FusedTrainStep, and FusedTrainStep accumulating / data-parallel
 SEED_KERNELS = ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads", "step_accumulate",
                 "step_update")
+ALL_KERNELS = {**MLP_KERNELS, **SGD_KERNELS, **STEP_KERNELS}
+# The course's programs at their own shapes (rows, in, hidden, out, extra hidden layers) with the kernels each
+# runs — module path and FusedTrainStep, plain and accumulating: these must not spill.
+COURSE = {
+    "fashion-mnist fit (784-128-10, NLL, SGD)": (
+        (128, 784, 128, 10, ()),
+        ("forward_loss", "forward", "forward_eval", "rows_loss", "rows", "grads", "grads_dx", "sgd", "sgd_plain",
+         "step_rows", "step_grads", "step_accumulate", "step_update")),
+    "regression (1000-100-10, MSE, SGD / Adam)": (
+        (64, 1000, 100, 10, ()),
+        ("forward_mse", "rows_loss", "grads", "sgd_plain", "adam", "step_rows_mse", "step_grads", "step_grads_adam",
+         "step_accumulate", "step_update")),
+    "small net (20-13-8-3, cross-entropy, SGD)": (
+        (64, 20, 13, 3, (8,)),
+        ("forward_loss", "forward", "rows_loss", "grads", "sgd", "sgd_plain", "step_rows", "step_grads")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,23 +132,39 @@ class Case:
     n_hidden: int = SEED[2]
     n_out: int = SEED[3]
     activation: str = "relu"  # the hidden activation, for the kernels that take one (ACTIVATION_KERNELS)
+    extra_hidden: tuple = ()  # further hidden layers after the first (n_hidden): a deeper MLP
+
+    @property
+    def widths(self) -> tuple:
+        return (self.n_in, self.n_hidden, *self.extra_hidden, self.n_out)
+
+    @property
+    def depth(self) -> int:
+        return 2 + len(self.extra_hidden)
 
     @property
     def shape(self) -> str:
-        return f"{self.n_rows}×{self.n_in}→{self.n_hidden}→{self.n_out}"
+        return f"{self.n_rows}×" + "→".join(map(str, self.widths))
 
     def __str__(self) -> str:
-        sizes = f"{self.n_rows}x{self.n_in}x{self.n_hidden}x{self.n_out}"
+        sizes = f"{self.n_rows}x" + "x".join(map(str, self.widths))
         act = "" if self.activation == "relu" else f"-{self.activation}"
         return f"{self.kernel}{act}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}"
 
 
-def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS)) -> list[Case]:
-    """Every kernel at the seed shape, for every arch, mode and bias flag, and every activation of the kernels
-    that take one."""
-    return [Case(k, a, m, b, activation=act) for k in kernels for a in archs for m in MODES for b in (True, False)
-            for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))
-            if not (m == "fp64" and k in SGD_KERNELS)]  # FusedSGD's kernel takes no float64 parameters
+def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), depth=2, shape=None) -> list[Case]:
+    """Every kernel at the seed shape (``depth`` layers, hidden layers of 128) or at ``shape`` (rows, in, hidden,
+    out, extra hidden layers), for every arch, mode and bias flag, and every activation of the kernels that take
+    one."""
+    rows, n_in, hidden, out, extra = shape or (*SEED, (SEED[2],) * (depth - 2))
+    return [Case(k, a, m, b, rows, n_in, hidden, out, activation=act, extra_hidden=tuple(extra))
+            for k in kernels for a in archs for m in MODES for b in (True, False)
+            for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))]
+
+
+def course_cases(archs=tuple(ARCHS)) -> list[Case]:
+    """The kernels of each course program at its own shape (:data:`COURSE`), every arch, mode, bias, activation."""
+    return list(dict.fromkeys(c for shape, kernels in COURSE.values() for c in seed_cases(kernels, archs, shape=shape)))
 
 
 def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[Case]:
@@ -177,56 +213,75 @@ def _call_launcher(case: Case, module, device="meta") -> None:
     import torch
 
     dtype = _dtype(case.mode)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32  # the launchers' accumulator/statistics dtype
-    n_rows, n_in, n_hidden, n_out = case.n_rows, case.n_in, case.n_hidden, case.n_out
+    acc = torch.promote_types(dtype, torch.float32)  # the launchers' statistics / sums dtype
+    k = case.kernel
 
     def t(*shape, dt=dtype):
         return torch.zeros(shape, device=device, dtype=dt)
 
-    x, w1, w2 = t(n_rows, n_in), t(n_hidden, n_in), t(n_out, n_hidden)
-    b1, b2 = (t(n_hidden), t(n_out)) if case.bias else (None, None)
-    k = case.kernel
-    if k.startswith("forward"):
-        loss = k == "forward_loss"
-        module.mlp_forward(x, w1, b1, w2, b2, target=t(n_rows, dt=torch.int64) if loss else None,
-                           store_h=k != "forward_eval", store_y=not loss, activation=case.activation)
-    elif k.startswith("rows"):
-        h = t(n_rows, n_hidden)
-        if k == "rows_loss":
-            module.mlp_backward_rows(h, w2, dlogits=t(n_rows, n_out), scale=t(dt=acc),
-                                     activation=case.activation)
+    widths = case.widths
+    n_rows, n_layers = case.n_rows, case.depth
+    x = t(n_rows, case.n_in)
+    weights = [t(widths[i + 1], widths[i]) for i in range(n_layers)]
+    biases = [t(n) if case.bias else None for n in widths[1:]]
+    acts_names = (case.activation,) * (n_layers - 1)
+    acts = [t(n_rows, n) for n in widths[1:-1]]
+    if module.__name__.endswith(".rows"):
+        out = t(n_rows, case.n_out)
+        loss = "mse" if k.endswith("mse") else "class"
+        target = t(n_rows, case.n_out) if loss == "mse" else t(n_rows, dt=torch.int64)
+        stats = t(module.n_row_blocks(n_rows, widths, dtype, backward=k.startswith("step")), 2, dt=acc)
+        if k.startswith("step"):
+            module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
+                        target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]], dz=out, stats=stats)
+        elif k in ("forward_loss", "forward_mse"):
+            module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
+                        target=target, acts=acts, dz=out, stats=stats)
+        elif k == "forward":
+            module.rows(x, weights, biases, acts_names, acts=acts, out=out)
+        elif k == "forward_eval":
+            module.rows(x, weights, biases, acts_names, acts=acts[:-1] + [None], out=out, store_last=False)
         else:
-            module.mlp_backward_rows(h, w2, dy=t(n_rows, n_out), y=t(n_rows, n_out), activation=case.activation)
-    elif k.startswith("grads"):
-        module.mlp_backward_grads(x, w1, t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden),
-                                  need_dx=k != "grads", has_b1=case.bias, has_b2=case.bias,
-                                  dx_activation=case.activation if k == "grads_dx_act" else None)
-    elif k == "linear_act":
-        module.linear_act(x, w1, b1, case.activation)
-    elif k.startswith("step"):
-        h, dz, dh = t(n_rows, n_hidden), t(n_rows, n_out), t(n_rows, n_hidden)
-        stats = t(module.stats_rows(n_rows, n_in, n_hidden, n_out, dtype), 2, dt=acc)
-        params = (w1, b1, w2, b2)
-        like = lambda dt: [None if p is None else torch.zeros_like(p, dtype=dt) for p in params]  # noqa: E731
-        hp = t(4, module.HP_WIDTH.value, dt=acc)
-        if k == "step_rows":
-            module.step_rows(x, w1, b1, w2, b2, t(n_rows, dt=torch.int64), -100, h, dz, dh, stats, case.activation)
-        elif k == "step_grads":
-            module.step_grads(x, h, dz, dh, stats, params, like(dtype), None, hp, t(dt=dtype))
-        elif k == "step_accumulate":  # with a process group's all-reduced totals
-            module.step_accumulate(x, h, dz, dh, stats, params, like(acc), t(2, dt=acc), 3,
-                                   True, t(dt=dtype))
-        else:
-            module.step_update(params, like(dtype), like(acc), None, hp, 3, 2)
-    else:
-        params = [p for p in (w1, b1, w2, b2) if p is not None]
-        momentum = k == "sgd"
-        table = module.make_sgd_table(params, [torch.zeros_like(p) for p in params],
-                                      [torch.zeros_like(p) if momentum else None for p in params],
-                                      [False] * len(params))
-        lr = 0.15 if momentum else t(1, dt=torch.float32)
-        module.fused_sgd(table, lr, momentum=0.9 if momentum else 0.0, dampening=0.0,
-                         weight_decay=0.0 if momentum else 1e-4, nesterov=False, maximize=False)
+            grad = dict(grad_in="dlogits", g=out, scale=t(dt=acc)) if k == "rows_loss" else \
+                dict(grad_in="dy", g=t(n_rows, case.n_out), y=out)
+            module.rows(x, weights, [None] * n_layers, acts_names, acts=acts,
+                        dpres=[t(n_rows, n) for n in widths[1:-1]], dz=t(n_rows, case.n_out), forward=False, **grad)
+        return
+    if module.__name__.endswith(".grads"):
+        dpres = [t(n_rows, n) for n in widths[1:]]
+        like = lambda dt: [None if p is None else t(*p.shape, dt=dt) for pair in zip(weights, biases)  # noqa: E731
+                           for p in pair]
+        flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases))
+        if k in ("grads", "grads_dx"):
+            dx = t(n_rows, case.n_in) if k == "grads_dx" else None
+            module.grads(x, weights, acts, dpres, grads=like(dtype), dx=dx, **flags)
+            return
+        params = [p for pair in zip(weights, biases) for p in pair]
+        stats = t(module.triton.cdiv(n_rows, 16), 2, dt=acc)
+        if k == "step_accumulate":  # with a process group's all-reduced totals
+            module.grads(x, weights, acts, dpres, epilogue="accumulate", grads=like(acc), stats=stats,
+                         totals=t(2, dt=acc), loss=t(), k=3, add=True, **flags)
+            return
+        adam = k == "step_grads_adam"
+        states = (like(dtype), like(dtype) if adam else [None] * len(params), [None] * len(params))
+        steps = [None if p is None else t(dt=torch.float32) for p in params] if adam else None
+        module.grads(x, weights, acts, dpres, epilogue="update", params=params, states=states, steps=steps,
+                     book=t(2, len(params), dt=torch.int32), hp=t(len(params), 8, dt=torch.float64),
+                     optimizer="adam" if adam else "sgd", has_state=tuple(p is not None for p in params),
+                     stats=stats, loss=t(), **flags)
+        return
+    params = [p for pair in zip(weights, biases) for p in pair if p is not None]
+    adam, state = k.startswith("adam"), k in ("sgd", "adam", "adam_amsgrad", "step_update")
+    n_states = (3 if k == "adam_amsgrad" else 2) if adam else int(state)
+    grad_dtype = acc if k == "step_update" else dtype
+    table = module.make_table(params, [torch.zeros_like(p, dtype=grad_dtype) for p in params],
+                              [[torch.zeros_like(p) for _ in range(n_states)] for p in params],
+                              [t(dt=torch.float32) if adam else None for _ in params], [None] * len(params),
+                              list(range(len(params))), [False] * len(params), "adam" if adam else "sgd")
+    lr = t(1, dt=torch.float32) if k in ("sgd_plain", "adam_amsgrad") else None
+    module.optimizer_step(table, t(len(params), 8, dt=torch.float64), optimizer="adam" if adam else "sgd",
+                          has_state=state, amsgrad=k == "adam_amsgrad", lr=lr,
+                          grad_scale=1.5 if k == "step_update" else 1.0)
 
 
 def capture(case: Case) -> Launch:
@@ -234,7 +289,7 @@ def capture(case: Case) -> Launch:
 
     The launchers pick ``PRECISION`` with :func:`pyfused.kernels.launch.dot_precision`, which says "ieee"
     off CUDA; mode "tf32" is what it says on CUDA with ``torch.backends.cuda.matmul.allow_tf32``."""
-    module_name, kernel_name, _ = {**MLP_KERNELS, **SGD_KERNELS, **STEP_KERNELS}[case.kernel]
+    module_name, kernel_name, _ = ALL_KERNELS[case.kernel]
     module = importlib.import_module(f"pyfused.kernels.{module_name}")
     kernel, recorder = getattr(module, kernel_name), _Recorder()
     setattr(module, kernel_name, recorder)
@@ -282,32 +337,26 @@ def parse_ptxas(log: str) -> dict:
                 static_smem=int(smem.group(1)) if smem else 0)
 
 
-def _ptxas(ptx: str, capability: int, options: dict) -> dict:
-    """``ptxas -v`` on ``ptx`` with the flags Triton compiles with (backends/nvidia/compiler.py make_cubin)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        cmd = [get_ptxas(capability).path, "-lineinfo", *([] if options["enable_fp_fusion"] else ["--fmad=false"]),
-               "-v", "--regAllocOptLevel=2", *(options["ptx_options"] or "").split(),
-               f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return dict(parse_ptxas(done.stderr + done.stdout), ptxas=get_ptxas(capability).version)
-
-
 def _compile(job: dict) -> dict:
-    """Compile one specialised launch and measure it: ptxas numbers, Triton's shared memory, warps, time."""
+    """Compile one specialised launch and measure it: the resources Triton's own ``ptxas -v`` run reports (its
+    flags differ between Triton releases: 3.8 adds ``--regAllocOptLevel=2``, 3.6 does not, and register
+    allocation and spills follow them), Triton's shared memory, warps, time."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
     start = time.perf_counter()
+    log = io.StringIO()
     try:
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         src = ASTSource(fn, job["signature"], job["constexprs"], job["attrs"])
-        kernel = triton.compile(src, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
-        stats = _ptxas(kernel.asm["ptx"], job["capability"], job["options"])
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log
+            knobs.compilation.always_compile = True  # so that ptxas runs (not Triton's cache)
+            kernel = triton.compile(src, target=GPUTarget("cuda", job["capability"], 32), options=job["options"])
+        stats = dict(parse_ptxas(log.getvalue()), ptxas=get_ptxas(job["capability"]).version)
     except Exception as error:  # noqa: BLE001  (a failed compile is a result to report, not a crash)
         lines = [line for line in str(error).splitlines() if line.strip()]
         return dict(error=f"{type(error).__name__}: {' | '.join(lines[:6])[:600]}",
@@ -381,7 +430,8 @@ def _serve(cases: list[Case], workers: int, cache: Path) -> list[dict]:
     rows = []
     for case, key, launch in zip(cases, keys, launches):
         result = dict(measured[key], case=dataclasses.asdict(case), grid=list(launch.grid),
-                      config={k: v for k, v in launch.kwargs.items() if isinstance(v, (bool, int, str))})
+                      config={k: v for k, v in launch.kwargs.items() if isinstance(v, (bool, int, str))
+                              or (isinstance(v, tuple) and all(isinstance(e, int) for e in v))})
         if result["error"] is None:
             arch = ARCHS[case.arch]
             result["blocks_per_sm"], result["limit"] = blocks_per_sm(arch, result["num_warps"], result["regs"],
@@ -407,10 +457,12 @@ def compile_cases(cases: list[Case], workers: int | None = None, cache: Path | N
     env.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     request = json.dumps(dict(cases=[dataclasses.asdict(c) for c in cases], workers=workers or os.cpu_count() or 1,
                               cache=str(cache)))
-    done = subprocess.run([sys.executable, "-m", "pyfused.gpu_compile"], input=request, env=env,
+    root = str(Path(__file__).resolve().parents[1])  # bench/ is a folder of the repository, not a package
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_compile"], input=request, env=env, cwd=root,
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"python -m pyfused.gpu_compile failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"python -m bench.gpu_compile failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return dict(zip(cases, json.loads(done.stdout)))
 
 

@@ -1,0 +1,229 @@
+"""The weight gradients of a fused MLP of any depth in one grouped launch, with what to do with each tile:
+store it (a module's backward), add it to accumulated sums, or apply the optimizer to it (the train step).
+
+Products, for the L layers that need them (``D_i`` the pre-activation gradient of layer i — the hidden layers'
+from :mod:`pyfused.kernels.rows`, ``dz`` for the last — and ``A_i`` its input, x or a hidden activation):
+``dW_i = D_iᵀ A_i`` (``n_{i+1} × n_i``, reduced over the B rows) with ``db_i = Σ_rows D_i`` from the same tiles
+(those of the first column), and for a module whose x needs a gradient ``dx = D_1 w_1`` (``B × n_0``). Program
+ids ``[starts[i], starts[i+1])`` make layer i's ``BLOCK_MS[i] × BLOCK_N`` tiles (:func:`tile_product`), then come
+the dx tiles, then, for the train step, one program for the loss. Each tile is reduced over its K in a fixed
+order by one program, no atomics on values: results are bit-identical from run to run.
+
+Epilogues (EPILOGUE):
+
+- ``"store"``: the tile, in the parameter dtype, into a new gradient tensor;
+- ``"accumulate"``: ``scale ·`` the tile written or added (``add``) into a gradient sum (the train step with a
+  process group or accumulation steps; float32 for 16-bit parameters);
+- ``"update"``: ``scale ·`` the tile is the gradient of that part of the parameter, which the optimizer
+  (:func:`pyfused.kernels.optimizers.update_elements`: SGD or Adam/AdamW) updates there and then; the last tile
+  program of a parameter advances its step / clears its first-step flag (``book``: int32 fresh flags and
+  counters, 2 × 2L). With KEEP_GRAD the gradient is also written to ``grads``.
+
+``scale = 1 / (k · divisor)``: divisor the number of counted rows ("class" loss, mean), of elements ("mse",
+mean), or 1 ("sum"), from the row blocks' ``stats`` — every program sums them itself in the same order, so the
+mean's divisor costs no launch — or from all-reduced ``totals`` (GLOBAL). The loss program writes
+``Σ loss / divisor``.
+
+Traffic: A_i once per row of tiles (once when ``BLOCK_MS[i] ≥ n_{i+1}``, as at the seed shape), D_i once per
+column of tiles (L2 after the first), ``8·R`` bytes of stats per program; the update reads and writes each
+parameter and its states once (SGD ``2·P·s`` + ``2·P·s`` with momentum; Adam ``6·P·s`` + amsgrad), the store and
+accumulate epilogues write (and read) ``P`` gradient elements. Extra memory: none (the caller owns every buffer).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gemm import tile_product
+from .launch import acc_dtype, dot_block, dot_precision, launch
+from .layers import layer_input
+from .optimizers import HP_WIDTH, finish_parameter, update_elements
+
+
+@triton.jit
+def accumulate(ptr, offs, mask, g, add):
+    """``ptr[offs] = g`` (``add`` = 0, the first batch of a group) or ``ptr[offs] += g``."""
+    if add != 0:
+        g += tl.load(ptr + offs, mask=mask, other=0.0).to(g.dtype)
+    tl.store(ptr + offs, g.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``(Σ loss, count)``: the all-reduced ``totals`` (GLOBAL), else the sums of the row blocks' ``stats``, in a
+    fixed order, the same in every program."""
+    if GLOBAL:
+        total = tl.load(totals_ptr).to(ACC)
+        count = tl.load(totals_ptr + 1).to(ACC)
+    else:
+        sums = tl.zeros((BLOCK_R,), dtype=ACC)
+        counts = tl.zeros((BLOCK_R,), dtype=ACC)
+        for r0 in range(0, n_blocks, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            sums += tl.load(stats_ptr + 2 * r, mask=r < n_blocks, other=0.0)
+            counts += tl.load(stats_ptr + 2 * r + 1, mask=r < n_blocks, other=0.0)
+        total = tl.sum(sums, axis=0)
+        count = tl.sum(counts, axis=0)
+    return total, count
+
+
+@triton.jit
+def gradient_scale(count, k, MEAN: tl.constexpr):
+    """``1 / (k · divisor)``: divisor ``max(count, 1)`` for a mean (zero counted rows give zero gradients, as in
+    torch), 1 for a sum."""
+    if MEAN:
+        scale = 1.0 / (tl.maximum(count, 1.0) * k)
+    else:
+        scale = 1.0 / (count * 0.0 + k)  # in the accumulator's type, as count is
+    return scale
+
+
+@triton.jit
+def param_epilogue(
+    g, offs, mask, j: tl.constexpr, n_programs, add,
+    param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr,
+    N_PARAMS: tl.constexpr, EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, HAS_STATE: tl.constexpr,
+    AMSGRAD: tl.constexpr, KEEP_GRAD: tl.constexpr,
+):
+    """What becomes of the gradient values ``g`` of parameter ``j`` (w_1, b_1, w_2, …) at ``offs``: see EPILOGUE
+    in the module docstring. ``n_programs``: how many programs share the parameter's update."""
+    if EPILOGUE == "store":
+        tl.store(grads[j] + offs, g.to(grads[j].dtype.element_ty), mask=mask)
+    elif EPILOGUE == "accumulate":
+        accumulate(grads[j], offs, mask, g, add)
+    else:
+        hp = hp_ptr + j * HP_WIDTH
+        update_elements(param_ptrs[j], grads[j], states1[j], states2[j], states3[j], steps[j], hp, tl.load(hp),
+                        tl.load(book_ptr + j), offs, mask, g, OPTIMIZER, HAS_STATE[j], AMSGRAD[j], KEEP_GRAD)
+        finish_parameter(book_ptr + N_PARAMS + j, book_ptr + j, steps[j], n_programs, OPTIMIZER)
+
+
+@triton.jit
+def grads_kernel(
+    x_ptr, stride_x_row, stride_x_col,  # (B, n_0)
+    acts,  # L − 1 hidden activations (B, n_i), contiguous: the inputs of layers 2 … L
+    dpres,  # L pre-activation gradients (B, n_{i+1}), contiguous: the hidden layers', then dz
+    ws, w_strides,  # the weights and their strides, flattened (for dx)
+    dx_ptr,  # out (DX): (B, n_0) contiguous
+    param_ptrs, grads, states1, states2, states3, steps,  # 2L each: w_1, b_1, … (stand-ins where absent);
+    # (not named params: Triton's generated binder has a local of that name)
+    book_ptr,  # (2, 2L) int32: fresh flags, then counters (EPILOGUE "update")
+    hp_ptr,  # (2L, HP_WIDTH) float64 hyper-parameter rows (EPILOGUE "update")
+    stats_ptr, n_blocks,  # (R, 2) per row block: Σ loss, count (EPILOGUE "update" / "accumulate")
+    totals_ptr,  # (2,) Σ loss, count over every rank (GLOBAL)
+    loss_ptr,  # out: 0-dim loss (LOSS_PROGRAM)
+    k, add,  # divide the gradients by k too; "accumulate": whether to add to the sums
+    n_rows, widths, starts,  # L + 1 feature counts; L + 2 program-id starts (layers, dx, loss program)
+    N_LAYERS: tl.constexpr, NEED: tl.constexpr, HAS_BIAS: tl.constexpr,  # tuples of L
+    HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,  # tuples of 2L
+    DX: tl.constexpr, EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr,
+    LOSS_PROGRAM: tl.constexpr, MEAN: tl.constexpr, GLOBAL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_MS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DX: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One tile of one product (module docstring), or the loss."""
+    pid = tl.program_id(0)
+    for i in tl.static_range(N_LAYERS):
+        if NEED[i]:
+            if (pid >= starts[i]) & (pid < starts[i + 1]):
+                src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
+                acc, row_sum, rm, rn, pid_n = tile_product(
+                    dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], n_rows,
+                    pid - starts[i], HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
+                scale = 1.0
+                if EPILOGUE != "store":  # after the K loop, so that nothing else lives across it
+                    total, count = loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL, ACC, BLOCK_R)
+                    scale = gradient_scale(count, k, MEAN)
+                m_mask = rm < widths[i + 1]
+                mask = m_mask[:, None] & (rn < widths[i])[None, :]
+                # offsets within one parameter fit int32 (the launcher checks numel < 2³¹): fewer registers
+                offs = (rm[:, None] * widths[i] + rn[None, :]).to(tl.int32)
+                param_epilogue(acc * scale, offs, mask, 2 * i,
+                               starts[i + 1] - starts[i], add, param_ptrs, grads, states1, states2, states3, steps,
+                               book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+                if HAS_BIAS[i]:
+                    if pid_n == 0:
+                        param_epilogue(row_sum * scale, rm.to(tl.int32), m_mask, 2 * i + 1,
+                                       tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr,
+                                       2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+    if DX:
+        if (pid >= starts[N_LAYERS]) & (pid < starts[N_LAYERS + 1]):
+            acc, _, rm, rn, _ = tile_product(dpres[0], widths[1], 1, ws[0], w_strides[0], w_strides[1], n_rows,
+                                             widths[0], widths[1], pid - starts[N_LAYERS], False, ACC,
+                                             BLOCK_DX, BLOCK_DX, BLOCK_K, PRECISION)
+            tl.store(dx_ptr + rm[:, None] * widths[0] + rn[None, :], acc.to(dx_ptr.dtype.element_ty),
+                     mask=(rm < n_rows)[:, None] & (rn < widths[0])[None, :])
+    if LOSS_PROGRAM:
+        if pid == starts[N_LAYERS + 1]:
+            total, count = loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL, ACC, BLOCK_R)
+            if MEAN:
+                total = total / count
+            tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+
+
+def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) -> dict:
+    """Launch configuration of :func:`grads_kernel`, from the compile report (no spills at the seed shapes on
+    sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
+
+    - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps; dx tiles 32 × 32.
+    - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
+      and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
+      SM-starved launch); ``"update"`` with K steps of 32 and 4 warps, ``"accumulate"`` with K steps of 16 and 8
+      warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
+      blocks at a time: 16 (one step at the seed shape) up to 64 for large batches.
+    """
+    last = len(widths) - 2
+    if epilogue == "store":
+        return dict(BLOCK_MS=(32,) * (last + 1), BLOCK_N=32, BLOCK_K=16 if dtype == torch.float64 else 32,
+                    BLOCK_DX=32, BLOCK_R=16, num_warps=4, num_stages=2)
+    cap = 64 if dtype == torch.float64 else 128
+    block_r = min(64, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
+    update = epilogue == "update"
+    return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
+                BLOCK_N=16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r, num_warps=4 if update else 8,
+                num_stages=2)
+
+
+def _filled(tensors, stand_in, n):
+    tensors = list(tensors) if tensors is not None else [None] * n
+    return tuple(stand_in if t is None else t for t in tensors)
+
+
+def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=None, dx=None, params=None,
+          states=((), (), ()), steps=None, book=None, hp=None, optimizer="sgd", has_state=None, amsgrad=None,
+          keep_grad=False, stats=None, totals=None, loss=None, mean=True, k=1, add=False):
+    """Launch :func:`grads_kernel`. ``need``/``has_bias``: L flags; ``acts``: L − 1 hidden activations; ``dpres``:
+    the L pre-activation gradients (dz last); ``grads``: 2L tensors shaped like the parameters (w_1, b_1, …; None
+    where not made): the outputs ("store", "accumulate"; the kept gradients of "update" with ``keep_grad``);
+    ``dx``: (B, n_0) output, or None. "update": ``params``, ``states`` (three lists of 2L, None where absent),
+    ``steps`` (2L, Adam), ``book``, ``hp``, the optimizer's flags. "update"/"accumulate": ``stats`` (R, 2) or
+    ``totals`` (2,), ``loss`` a 0-dim output, ``mean``, ``k``, ``add``."""
+    n_rows = x.shape[0]
+    widths = (x.shape[1], *(w.shape[0] for w in weights))
+    n_layers = len(weights)
+    cfg = grads_config(n_rows, widths, x.dtype, epilogue)
+    starts = [0]
+    for i in range(n_layers):
+        tiles = triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"])
+        starts.append(starts[-1] + (tiles if need[i] else 0))
+    dx_tiles = triton.cdiv(n_rows, cfg["BLOCK_DX"]) * triton.cdiv(widths[0], cfg["BLOCK_DX"]) if dx is not None else 0
+    starts.append(starts[-1] + dx_tiles)
+    loss_program = epilogue != "store"
+    total = starts[-1] + int(loss_program)
+    if total == 0:
+        return
+    stand_in = x
+    n_params = 2 * n_layers
+    launch(grads_kernel, (total,), x.device,
+           x, x.stride(0), x.stride(1), _filled(acts, stand_in, n_layers - 1), _filled(dpres, stand_in, n_layers),
+           tuple(weights), tuple(s for w in weights for s in w.stride()), stand_in if dx is None else dx,
+           _filled(params, stand_in, n_params), _filled(grads, stand_in, n_params),
+           *(_filled(s or None, stand_in, n_params) for s in states), _filled(steps, stand_in, n_params),
+           stand_in if book is None else book, stand_in if hp is None else hp,
+           stand_in if stats is None else stats, 0 if stats is None else stats.shape[0],
+           stand_in if totals is None else totals, stand_in if loss is None else loss,
+           k, int(add), n_rows, widths, tuple(starts),
+           N_LAYERS=n_layers, NEED=tuple(bool(n) for n in need), HAS_BIAS=tuple(has_bias),
+           HAS_STATE=tuple(has_state or (False,) * n_params), AMSGRAD=tuple(amsgrad or (False,) * n_params),
+           DX=dx is not None, EPILOGUE=epilogue, OPTIMIZER=optimizer, KEEP_GRAD=keep_grad,
+           LOSS_PROGRAM=loss_program, MEAN=mean, GLOBAL=totals is not None, ACC=acc_dtype(x.dtype),
+           PRECISION=dot_precision(x.dtype, x.device), **cfg)

@@ -1,0 +1,261 @@
+"""The row pass of a fused MLP of any depth: forward, head and loss, and the row-local half of the backward, for
+``BLOCK_M`` rows per program, in one launch.
+
+Network: ``L`` nn.Linear layers (``w_i`` of shape ``(n_{i+1}, n_i)``, optional bias), an activation after each
+but the last (relu or sigmoid), and a head: ``log_softmax`` or the ``logits`` themselves. ``a_0 = x``,
+``a_i = act_i(a_{i−1} w_iᵀ + b_i)`` for the ``L − 1`` hidden layers, ``z = a_{L−1} w_Lᵀ + b_L``.
+
+A program walks its rows through the network with the building blocks of :mod:`pyfused.kernels.layers`:
+
+1. *forward* (FORWARD): hidden layers ``1 … L−2`` slice by slice (``BLOCK_H`` features), each stored to its
+   activation buffer and read back by the next layer (the program's own rows: L1/L2); the last hidden layer
+   slice by slice too, each slice multiplied at once into the logits ``z += a_{L−1}[:, slice] w_L[:, slice]ᵀ``
+   (stored only when kept for backward);
+2. *head and loss* (:mod:`pyfused.kernels.heads`): log-probabilities or logits stored (STORE_OUT); with a loss
+   its value per row or element (LOSS_OUT), its sum and count per row block (STATS, ``(R, 2)``: the mean's
+   divisor costs no launch), and the unscaled logit gradient ``dz`` (STORE_DZ);
+   without FORWARD (a module's backward) ``dz`` comes from the incoming gradient (GRAD_IN): the saved logit
+   gradient times its scale (``"dlogits"``), ``dy − exp(y)·Σ dy`` through a log_softmax head, or ``dy`` itself;
+3. *backward rows* (BACKWARD): the pre-activation gradient of every hidden layer down to layer ``LOWEST + 1``,
+   ``d_{L−1} = act'(dz w_L)``, ``d_i = act'(d_{i+1} w_{i+1})``, each read off the saved activations (relu
+   ``[a > 0]``, sigmoid ``(1 − a)·a``), stored for the weight-gradient launch (:mod:`pyfused.kernels.grads`).
+
+The train step is one launch of all three (its weight gradients and update are the next launch); a module's
+forward is (1, 2) and its backward (2, 3) then :mod:`pyfused.kernels.grads`.
+
+Memory (B rows, s bytes per element, hidden widths ``n_1 … n_{L−1}``, ``n_L = out`` ≤ 1024): reads ``B·n_0·s``
+of x per slice of the first layer, each weight once per program (L2 after the first), its own activations again
+(L1/L2); writes ``B·Σ n_i·s`` of activations (and as much of pre-activation gradients with BACKWARD), ``B·out·s``
+for the output / dz, ``4B`` or ``B·out·4`` for loss values, ``8·R`` for stats. Registers: a ``BLOCK_M × BLOCK_OUT``
+accumulator for the logits.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activation import activate, activation_grad
+from .heads import class_loss, load_class_target, log_softmax_rows, squared_error
+from .launch import acc_dtype, dot_block, dot_precision, launch
+from .layers import grad_slice, layer_input, linear_slice
+
+MAX_OUT = 1024
+
+
+@triton.jit
+def rows_kernel(
+    x_ptr, stride_x_row, stride_x_col,  # (B, n_0)
+    ws, w_strides, bs,  # L weights (n_{i+1}, n_i); their (row, col) strides, flattened; L biases (stand-ins)
+    acts,  # L − 1 hidden activations (B, n_i), contiguous: written by FORWARD, read by BACKWARD
+    dpres,  # L − 1 pre-activation gradients of the hidden layers (B, n_i), contiguous (BACKWARD)
+    widths,  # L + 1 feature counts n_0 … n_L
+    out_ptr,  # (B, n_L) contiguous, log-probabilities or logits (STORE_OUT)
+    target_ptr, stride_t_row, stride_t_col,  # LOSS "class": (B,) integer classes; "mse": (B, n_L) floats
+    ignore_index,
+    loss_ptr,  # LOSS_OUT: (B,) nll per row ("class"), (B, n_L) squared errors ("mse"); float32 (float64)
+    stats_ptr,  # STATS: (R, 2) per row block: Σ loss, number of counted rows ("class") or elements ("mse")
+    g_ptr, stride_g_row, stride_g_col,  # not FORWARD: (B, n_L) incoming gradient (dy or the saved dz)
+    y_ptr,  # GRAD_IN "dy" with a log_softmax head: the saved log-probabilities (B, n_L) contiguous
+    scale_ptr, stride_s_row, stride_s_col,  # GRAD_IN "dlogits": the factor of each element of the saved dz
+    dz_ptr,  # STORE_DZ: (B, n_L) contiguous logit gradient
+    n_rows,
+    N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATIONS: tl.constexpr,  # tuples of L and L − 1
+    HEAD: tl.constexpr, LOSS: tl.constexpr,  # "log_softmax" | "logits";  "none" | "class" | "mse"
+    FORWARD: tl.constexpr, STORE_LAST: tl.constexpr, STORE_OUT: tl.constexpr, LOSS_OUT: tl.constexpr,
+    STATS: tl.constexpr, STORE_DZ: tl.constexpr, BACKWARD: tl.constexpr, GRAD_IN: tl.constexpr,
+    LOWEST: tl.constexpr,  # BACKWARD makes the gradients of hidden layers LOWEST … L − 2 (0-based)
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Forward, head, loss and backward rows of BLOCK_M rows (the phases of the module docstring)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    last: tl.constexpr = N_LAYERS - 1  # index of the output layer
+    n_out = widths[N_LAYERS]
+    n_last = widths[last]  # width of the last hidden layer
+    cols = tl.arange(0, BLOCK_OUT)
+    col_mask = cols < n_out
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    out_offs = rows[:, None] * n_out + cols[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if FORWARD:
+        for i in tl.static_range(N_LAYERS - 2):  # hidden layers before the last: stored, read back by the next
+            src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
+            for n0 in range(0, widths[i + 1], BLOCK_H):
+                hs = n0 + tl.arange(0, BLOCK_H)
+                h_mask = hs < widths[i + 1]
+                acc = linear_slice(src, s_row, s_col, ws[i], w_strides[2 * i], w_strides[2 * i + 1], bs[i],
+                                   rows, row_mask, hs, h_mask, widths[i], HAS_BIAS[i], ACC,
+                                   BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
+                tl.store(acts[i] + rows[:, None] * widths[i + 1] + hs[None, :],
+                         activate(acc, tl.constexpr(ACTIVATIONS[i])).to(dtype),
+                         mask=row_mask[:, None] & h_mask[None, :])
+            tl.debug_barrier()  # the next layer reads what the other threads of this program stored
+        src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, last - 1)
+        z = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
+        for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer, each slice multiplied into the logits
+            hs = n0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < n_last
+            acc = linear_slice(src, s_row, s_col, ws[last - 1], w_strides[2 * last - 2], w_strides[2 * last - 1],
+                               bs[last - 1], rows, row_mask, hs, h_mask, widths[last - 1], HAS_BIAS[last - 1], ACC,
+                               BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
+            h = activate(acc, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype)
+            if STORE_LAST:
+                tl.store(acts[last - 1] + rows[:, None] * n_last + hs[None, :], h,
+                         mask=row_mask[:, None] & h_mask[None, :])
+            wt = tl.load(ws[last] + cols[None, :] * w_strides[2 * last] + hs[:, None] * w_strides[2 * last + 1],
+                         mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+            z = tl.dot(h, wt, z, input_precision=PRECISION, out_dtype=ACC)
+        if HAS_BIAS[last]:
+            z += tl.load(bs[last] + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        if LOSS == "mse":
+            t = tl.load(target_ptr + rows[:, None] * stride_t_row + cols[None, :] * stride_t_col, mask=out_mask,
+                        other=0.0).to(ACC)
+            value, dz = squared_error(z, t, out_mask)
+            if STORE_OUT:
+                tl.store(out_ptr + out_offs, z.to(dtype), mask=out_mask)
+            if LOSS_OUT:
+                tl.store(loss_ptr + out_offs, value.to(loss_ptr.dtype.element_ty), mask=out_mask)
+            if STATS:
+                tl.store(stats_ptr + 2 * pid, tl.sum(tl.sum(value, axis=1), axis=0))
+                tl.store(stats_ptr + 2 * pid + 1, tl.sum(tl.sum(out_mask.to(ACC), axis=1), axis=0))
+        elif LOSS == "class" or HEAD == "log_softmax":
+            y, p = log_softmax_rows(z, col_mask)
+            if STORE_OUT:
+                tl.store(out_ptr + out_offs, (y if HEAD == "log_softmax" else z).to(dtype), mask=out_mask)
+            if LOSS == "class":
+                t, keep = load_class_target(target_ptr, stride_t_row, rows, row_mask, ignore_index)
+                value, dz = class_loss(y, p, t, keep, cols, n_out)
+                if LOSS_OUT:
+                    tl.store(loss_ptr + rows, value.to(loss_ptr.dtype.element_ty), mask=row_mask)
+                if STATS:
+                    tl.store(stats_ptr + 2 * pid, tl.sum(value, axis=0))
+                    tl.store(stats_ptr + 2 * pid + 1, tl.sum(keep.to(ACC), axis=0))
+        elif STORE_OUT:  # logits, no loss
+            tl.store(out_ptr + out_offs, z.to(dtype), mask=out_mask)
+    else:  # a module's backward: dz from the incoming gradient
+        g = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=out_mask,
+                    other=0.0).to(ACC)
+        if GRAD_IN == "dlogits":
+            dz = g * tl.load(scale_ptr + rows[:, None] * stride_s_row + cols[None, :] * stride_s_col,
+                             mask=out_mask, other=0.0).to(ACC)
+        elif HEAD == "log_softmax":
+            y = tl.load(y_ptr + out_offs, mask=out_mask, other=float("-inf")).to(ACC)
+            dz = g - tl.exp(y) * tl.sum(g, axis=1)[:, None]
+        else:
+            dz = g
+    if STORE_DZ:
+        tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+    if BACKWARD:
+        tl.debug_barrier()  # the activations this program stored
+        dz = dz.to(dtype)
+        for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer: act'(dz w_L), dz still on chip
+            hs = n0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < n_last
+            hmask2 = row_mask[:, None] & h_mask[None, :]
+            w = tl.load(ws[last] + cols[:, None] * w_strides[2 * last] + hs[None, :] * w_strides[2 * last + 1],
+                        mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            d = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
+            a = tl.load(acts[last - 1] + rows[:, None] * n_last + hs[None, :], mask=hmask2, other=0.0)
+            tl.store(dpres[last - 1] + rows[:, None] * n_last + hs[None, :],
+                     activation_grad(d, a, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype), mask=hmask2)
+        for j in tl.static_range(N_LAYERS - 2):  # earlier hidden layers, from the gradient stored just before
+            h: tl.constexpr = N_LAYERS - 3 - j  # the hidden layer made now (0-based)
+            if h >= LOWEST:
+                tl.debug_barrier()
+                for n0 in range(0, widths[h + 1], BLOCK_H):
+                    hs = n0 + tl.arange(0, BLOCK_H)
+                    h_mask = hs < widths[h + 1]
+                    hmask2 = row_mask[:, None] & h_mask[None, :]
+                    d = grad_slice(dpres[h + 1], widths[h + 2], ws[h + 1], w_strides[2 * h + 2],
+                                   w_strides[2 * h + 3], rows, row_mask, hs, h_mask, widths[h + 2], ACC,
+                                   BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
+                    a = tl.load(acts[h] + rows[:, None] * widths[h + 1] + hs[None, :], mask=hmask2, other=0.0)
+                    tl.store(dpres[h] + rows[:, None] * widths[h + 1] + hs[None, :],
+                             activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
+
+
+def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool) -> dict:
+    """Launch configuration of :func:`rows_kernel` (block sizes, warps, stages), from ``python -m
+    bench.compile_report`` (sm_80, sm_90): no spills at the seed shape, shared memory within bounds over the sweep.
+
+    - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
+      fp32 at 32 rows spills), K steps of 32, hidden slices of up to 64 with a w_L tile of at most 4096 elements,
+      4 warps (8 past 256 outputs), 3 stages;
+    - forward and backward (the train step): hidden slices of up to 128 (one at the seed shape), K steps of 16
+      (32 with more than one hidden layer), 8 warps (16 past 256 outputs): 4 warps spill in fp32 IEEE;
+    - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
+    """
+    block_out = dot_block(widths[-1], MAX_OUT)
+    hidden = max(widths[1:-1])
+    wide = block_out > 256
+    if forward and backward:
+        deep = len(widths) > 3  # a chain of hidden layers: K steps of 32 (16 spill a few bytes on sm_90)
+        return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], 32 if deep else 16),
+                    BLOCK_H=dot_block(hidden, max(16, min(128, 4096 // block_out))), BLOCK_OUT=block_out,
+                    num_warps=16 if wide else 8, num_stages=2)
+    block_h = dot_block(hidden, max(16, min(64, 4096 // block_out)))
+    if forward:
+        block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
+        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
+        return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if fp64 else 32), BLOCK_H=block_h,
+                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=2 if fp64 else 3)
+    return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
+                num_warps=8 if wide else 4, num_stages=2)
+
+
+def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True, backward=True) -> int:
+    """R, the number of programs (row blocks) of a launch: the rows of ``stats``."""
+    return triton.cdiv(n_rows, rows_config(n_rows, widths, dtype, forward=forward, backward=backward)["BLOCK_M"])
+
+
+def _pairs(tensors, stand_in):
+    return tuple(stand_in if t is None else t for t in tensors)
+
+
+def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, ignore_index=-100,
+         acts, dpres=None, out=None, loss_out=None, stats=None, dz=None, forward=True, store_last=True,
+         grad_in=None, g=None, y=None, scale=None, lowest=0):
+    """Launch :func:`rows_kernel` on validated 2-D ``x`` (B ≥ 1 rows) into the caller's buffers.
+
+    ``weights``/``biases``: L tensors each (biases None where absent); ``activations``: L − 1 names; ``acts``: L − 1
+    (B, n_i) buffers of x's dtype (the last one is written only with ``store_last``); ``dpres``: L − 1 such buffers
+    (BACKWARD when given); ``out``: (B, n_L) for the head's output; ``loss_out``, ``stats``: loss values and
+    per-block sums; ``dz``: (B, n_L) for the logit gradient. Without ``forward``: ``grad_in`` "dlogits" (``g`` the
+    saved dz, ``scale`` a tensor broadcastable to it) or "dy" (``g``; ``y`` the saved log-probabilities for a
+    log_softmax head). ``lowest``: the lowest hidden layer whose gradient is needed.
+    """
+    n_rows = x.shape[0]
+    widths = (x.shape[1], *(w.shape[0] for w in weights))
+    if widths[-1] > MAX_OUT:
+        raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {widths[-1]}; use "
+                         "PYFUSED_BACKEND=torch")
+    backward = dpres is not None
+    cfg = rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward)
+    any_buffer = x
+    w_strides = tuple(s for w in weights for s in w.stride())
+    scale_strides = (0, 0) if scale is None else (*scale.stride(), 0, 0)[:2]  # 0-dim, (B,) per row or (B, n_L)
+    if target is not None and loss == "mse":
+        t_strides = target.stride()
+    elif target is not None:
+        t_strides = (target.stride(0), 0)
+    else:
+        t_strides = (0, 0)
+    launch(rows_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
+           x, x.stride(0), x.stride(1),
+           tuple(weights), w_strides, _pairs(biases, any_buffer),
+           _pairs(acts, any_buffer), _pairs(dpres or [None] * len(acts), any_buffer), widths,
+           any_buffer if out is None else out,
+           any_buffer if target is None else target, *t_strides, ignore_index,
+           any_buffer if loss_out is None else loss_out, any_buffer if stats is None else stats,
+           any_buffer if g is None else g, *(g.stride() if g is not None else (0, 0)),
+           any_buffer if y is None else y,
+           any_buffer if scale is None else scale, *scale_strides,
+           any_buffer if dz is None else dz,
+           n_rows,
+           N_LAYERS=len(weights), HAS_BIAS=tuple(b is not None for b in biases), ACTIVATIONS=tuple(activations),
+           HEAD=head, LOSS=loss, FORWARD=forward, STORE_LAST=store_last, STORE_OUT=out is not None,
+           LOSS_OUT=loss_out is not None, STATS=stats is not None, STORE_DZ=dz is not None, BACKWARD=backward,
+           GRAD_IN=grad_in or "none", LOWEST=lowest, ACC=acc_dtype(x.dtype),
+           PRECISION=dot_precision(x.dtype, x.device), **cfg)

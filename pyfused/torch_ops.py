@@ -1,0 +1,182 @@
+"""The pure-torch twins of pyfused's kernel building blocks: the CPU (``PYFUSED_BACKEND=torch``) path of the
+modules and of FusedTrainStep, and the tests' oracle for the kernels.
+
+Each twin runs the ATen ops eager PyTorch runs for the same math, in the same order and layouts, into ``out=``
+buffers where the caller keeps them, so the torch path rounds exactly as eager PyTorch does (the kernels, which
+fuse the math, agree to rounding). Twin of each building block (:mod:`pyfused.kernels`):
+
+=====================================  ===================================================================
+kernel building block                  twin here
+=====================================  ===================================================================
+``layers.linear_slice`` + activation   :func:`linear` (``addmm`` / ``mm``), :func:`activate_` (relu/sigmoid)
+``heads.log_softmax_rows``             :func:`log_softmax`
+``heads.class_loss`` (nll / CE)        :func:`class_loss`, its gradient :func:`class_loss_grad`
+``heads.squared_error`` (MSE)          :func:`mse_loss`, its gradient :func:`mse_loss_grad`
+``layers.grad_slice`` + derivative     :func:`hidden_grad` (``mm`` + ``threshold_backward`` / ``sigmoid_backward``)
+``gemm.tile_product`` (dW, db, dx)     :func:`weight_grad`, :func:`bias_grad`, :func:`input_grad`
+``optimizers.sgd_math``                :func:`sgd_foreach` (torch.optim.SGD's foreach sequence)
+``optimizers.adam_math``               :func:`adam_foreach` (torch.optim.Adam / AdamW's foreach sequence)
+=====================================  ===================================================================
+"""
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # ATen's
+
+
+def linear(a, w, b, out=None):
+    """``a @ wᵀ + b`` as F.linear computes it for 2-D input: ``addmm`` with a bias, ``mm`` without."""
+    if b is None:
+        return torch.mm(a, w.t(), out=out)
+    return torch.addmm(b, a, w.t(), out=out)
+
+
+def activate_(h, activation):
+    """The hidden activation applied to ``h`` in place (eager's ``relu`` / ``sigmoid`` values); returns h."""
+    return h.relu_() if activation == "relu" else h.sigmoid_()
+
+
+def linear_act(a, w, b, activation, out=None):
+    """One hidden layer: ``act(a @ wᵀ + b)``."""
+    return activate_(linear(a, w, b, out), activation)
+
+
+def log_softmax(z, out=None):
+    """``F.log_softmax(z, dim=1)``."""
+    return torch._log_softmax(z, 1, False, out=out)
+
+
+def class_loss(y, target, reduction, ignore_index):
+    """``(loss, total_weight)``: ``F.nll_loss(y, target, ...)`` on log-probabilities (``F.cross_entropy`` is this on
+    ``log_softmax(logits)``); ``total_weight`` is the number of counted rows (float, 0-dim)."""
+    return _aten.nll_loss_forward(y, target, None, REDUCTION_CODES[reduction], ignore_index)
+
+
+def class_loss_grad(grad, y, target, reduction, ignore_index, total_weight, dy=None, dz=None):
+    """The logits' gradient of :func:`class_loss` through the log_softmax that made ``y``: eager's
+    ``nll_loss_backward`` then ``_log_softmax_backward_data`` (into ``dy`` and ``dz`` when given)."""
+    code = REDUCTION_CODES[reduction]
+    if dy is None:
+        dy = _aten.nll_loss_backward(grad, y, target, None, code, ignore_index, total_weight)
+    else:
+        _aten.nll_loss_backward.grad_input(grad, y, target, None, code, ignore_index, total_weight, grad_input=dy)
+    return log_softmax_backward(dy, y, dz)
+
+
+def log_softmax_backward(dy, y, out=None):
+    """``dy − exp(y)·Σ dy``: the gradient through ``y = log_softmax(z, 1)``."""
+    if out is None:
+        return _aten._log_softmax_backward_data(dy, y, 1, y.dtype)
+    return _aten._log_softmax_backward_data.out(dy, y, 1, y.dtype, out=out)
+
+
+def mse_loss(z, target, reduction):
+    """``F.mse_loss(z, target, reduction=...)``."""
+    return _aten.mse_loss(z, target, REDUCTION_CODES[reduction])
+
+
+def mse_loss_grad(grad, z, target, reduction, out=None):
+    """The logits' gradient of :func:`mse_loss` (eager's ``mse_loss_backward``)."""
+    if out is None:
+        return _aten.mse_loss_backward(grad, z, target, REDUCTION_CODES[reduction])
+    return _aten.mse_loss_backward.grad_input(grad, z, target, REDUCTION_CODES[reduction], grad_input=out)
+
+
+def activation_backward(g, h, activation):
+    """The gradient through the hidden activation from its output ``h``, written over ``g`` with ATen's own
+    backward ops (eager's rounding): relu ``g ⊙ [h > 0]``, sigmoid ``g ⊙ (1 − h) ⊙ h``."""
+    if activation == "relu":
+        return _aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+    return _aten.sigmoid_backward.grad_input(g, h, grad_input=g)
+
+
+def hidden_grad(d_next, w_next, a, activation, out=None):
+    """A hidden layer's pre-activation gradient: ``act'(d_next @ w_next)`` read off its output ``a``."""
+    return activation_backward(torch.mm(d_next, w_next, out=out), a, activation)
+
+
+def weight_grad(d, a, out=None, add=False):
+    """``dW = dᵀ a`` (written, or added as AccumulateGrad adds to ``.grad``)."""
+    if add:
+        return out.add_(torch.mm(d.t(), a))
+    return torch.mm(d.t(), a, out=out)
+
+
+def bias_grad(d, out=None, add=False):
+    """``db = Σ_rows d``."""
+    if add:
+        return out.add_(d.sum(0))
+    return torch.sum(d, 0, out=out)
+
+
+def input_grad(d, w):
+    """``dx = d @ w``."""
+    return torch.mm(d, w)
+
+
+def sgd_foreach(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    """torch.optim.SGD's foreach update, in the parameter dtype; new momentum buffers are put in ``buffers``."""
+    owned = maximize or weight_decay != 0
+    if maximize:
+        grads = torch._foreach_neg(grads)
+        if weight_decay != 0:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+    elif weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        if all(buf is not None for buf in buffers):
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, grads, alpha=1 - dampening)
+        else:
+            for i, (buf, grad) in enumerate(zip(buffers, grads)):
+                if buf is None:
+                    buffers[i] = grad.detach().clone()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        if nesterov and owned:
+            torch._foreach_add_(grads, buffers, alpha=momentum)
+        elif nesterov:
+            grads = torch._foreach_add(grads, buffers, alpha=momentum)
+        else:
+            grads = buffers
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_addcmul_(params, grads, [lr] * len(params), value=-1)
+    else:
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+
+def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+                 weight_decay, amsgrad, maximize, decoupled):
+    """torch.optim.Adam's foreach update without capturable (AdamW: ``decoupled``), in the parameter dtype; the
+    float32 ``steps`` are incremented. Reads each step on the host (as torch does): CPU tensors here. Complex
+    tensors are updated as their real views, as torch does."""
+    lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+    real = lambda ts: [None if t is None else torch.view_as_real(t) if t.is_complex() else t for t in ts]  # noqa: E731
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(real, (params, grads, exp_avgs, exp_avg_sqs,
+                                                                        max_exp_avg_sqs))
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        if decoupled:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        elif maximize:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    counts = [float(step) for step in steps]
+    step_size = [(lr / (1 - beta1 ** t)) * -1 for t in counts]
+    bias2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_exp_avg_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
