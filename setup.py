@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["pyfused", "pyfused.kernels"],
+    packages=["pyfused", "pyfused.cli", "pyfused.kernels"],
     package_dir={"pyfused": "pyfused", "pyfused.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",  # the oldest torch CI tests (.ci/run: 2.11.0, the GPU machine's)
@@ -20,8 +20,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib", "tqdm"],
+        "test": ["pytest", "matplotlib", "tqdm", "expecttest"],  # expecttest: torch.testing._internal.common_optimizers
         "train": ["matplotlib", "tqdm"],
     },
-    entry_points={"console_scripts": ["pyfused-train = pyfused.train:main"]},
+    entry_points={"console_scripts": ["pyfused-train = pyfused.cli.train:main"]},
 )

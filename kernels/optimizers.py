@@ -22,7 +22,7 @@ clears ``fresh`` and resets the counter to 0 (so the next launch, or a CUDA-grap
 The multi-tensor kernel (:func:`optimizer_kernel`) reads a device int64 table of ``T`` rows
 (:data:`TABLE_FIELDS`: addresses of the parameter, its gradient, up to three states, its step and an output
 gradient, its numel, its first block and its hyper-parameter row), then ``block_map[k] = t`` for each block of
-``BLOCK`` elements; int32 ``fresh[t]`` and ``counters[t]``. One launch updates every tensor of one dtype. Traffic
+``BLOCK`` elements (an empty tensor owns one, masked, so that its step advances as torch's does); int32 ``fresh[t]`` and ``counters[t]``. One launch updates every tensor of one dtype. Traffic
 per step, N elements of s bytes: SGD ``N·s·(3 + 2·[γ ≠ 0])``, Adam ``N·s·7`` (``+2`` with amsgrad), plus
 ~``80`` bytes of table per program (mostly L2); extra memory ``(9·8 + 8)·T + 8·n_blocks`` bytes.
 """
@@ -185,7 +185,7 @@ def optimizer_kernel(
     fresh = tl.load(fresh_ptr + t)
     update_elements(p_ptr, out_ptr, s1_ptr, s2_ptr, s3_ptr, step_ptr, hp, lr, fresh, offs, mask, g,
                     OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
-    finish_parameter(counter_ptr + t, fresh_ptr + t, step_ptr, tl.cdiv(n, BLOCK), OPTIMIZER)
+    finish_parameter(counter_ptr + t, fresh_ptr + t, step_ptr, tl.maximum(tl.cdiv(n, BLOCK), 1), OPTIMIZER)
 
 
 def optimizer_config(max_numel: int, dtype: torch.dtype, optimizer: str) -> tuple[int, int]:
@@ -226,7 +226,7 @@ def make_table(params, grads, states, steps, grad_outs, hp_rows, fresh, optimize
     dtype, device = params[0].dtype, params[0].device
     numels = [p.numel() for p in params]
     block, num_warps = optimizer_config(max(numels), dtype, optimizer)
-    counts = [triton.cdiv(n, block) for n in numels]
+    counts = [max(1, triton.cdiv(n, block)) for n in numels]  # an empty tensor's one block advances its step
     address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     rows, first, aligned = [], 0, True
     for p, g, st, step, out, n, c, hp in zip(params, grads, states, steps, grad_outs, numels, counts, hp_rows):

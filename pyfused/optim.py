@@ -48,9 +48,24 @@ def _check_sgd(lr, momentum, dampening, weight_decay, nesterov, **_) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _check_adam(lr, betas, eps, weight_decay, **_) -> None:
-    """What torch.optim.Adam refuses, with its messages (betas as floats)."""
-    _no_tensor(eps=eps, weight_decay=weight_decay, beta1=betas[0], beta2=betas[1])
+def _check_flags(name, foreach=None, fused=None, differentiable=False, **_) -> None:
+    """torch's constructor flags, accepted so that code written for torch.optim runs unchanged: ``foreach``,
+    ``fused`` and ``capturable`` choose among torch's implementations (pyfused has one: fused, capturable, its
+    step count on the device), torch's combinations that fail fail the same way; ``differentiable`` is refused."""
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if differentiable:
+        raise RuntimeError(f"pyfused.{name} does not support differentiable=True (its update is not a graph of "
+                           f"differentiable ops); use torch.optim.{name[5:]}")
+
+
+def _check_adam(lr, betas, eps, weight_decay, foreach=None, capturable=False, **_) -> None:
+    """What torch.optim.Adam refuses, with its messages (betas floats or 1-element tensors, read on the host)."""
+    _no_tensor(eps=eps, weight_decay=weight_decay)
+    if isinstance(lr, torch.Tensor) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
     _check_lr(lr)
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
@@ -60,6 +75,15 @@ def _check_adam(lr, betas, eps, weight_decay, **_) -> None:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -225,7 +249,8 @@ class FusedSGD(_FusedOptimizer):
     """torch.optim.SGD's semantics, defaults and state, each param group updated by one fused launch per dtype.
 
     Args: as torch.optim.SGD (``params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
-    *, maximize=False``). ``lr`` may be a 1-element tensor: the kernel reads it on the device at every step
+    *, maximize=False``; torch's ``foreach`` and ``fused`` are accepted and change nothing, ``differentiable=True``
+    is refused). ``lr`` may be a 1-element tensor: the kernel reads it on the device at every step
     (a captured CUDA graph then sees schedule changes); it must live on the parameters' device or the CPU.
     Kernel path: dense float32, float16, bfloat16 and float64 parameters (others, e.g. complex or strided, take
     the foreach path in the same step), each group on one device, math in float32 (float64 for float64). Sparse
@@ -240,10 +265,12 @@ class FusedSGD(_FusedOptimizer):
     KIND = "sgd"
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False):
+                 maximize=False, foreach=None, differentiable=False, fused=None):
         _check_sgd(lr, momentum, dampening, weight_decay, nesterov)
+        _check_flags("FusedSGD", foreach, fused, differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -254,7 +281,9 @@ class FusedSGD(_FusedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
-        _check_sgd(**{**self.defaults, **param_group})
+        merged = {**self.defaults, **param_group}
+        _check_sgd(**merged)
+        _check_flags("FusedSGD", **merged)
         super().add_param_group(param_group)
 
     def _existing_states(self, p):
@@ -292,7 +321,9 @@ class FusedAdam(_FusedOptimizer):
     """torch.optim.Adam's semantics, defaults and state, each param group updated by one fused launch per dtype.
 
     Args: as torch.optim.Adam (``params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
-    *, maximize=False``); ``lr`` may be a 1-element tensor. State per parameter: ``step`` (a float32 0-dim tensor —
+    *, maximize=False``; torch's ``foreach``, ``capturable`` and ``fused`` are accepted and change nothing,
+    ``differentiable=True`` is refused); ``lr`` may be a 1-element tensor, betas 1-element tensors (read on the
+    host at each step). State per parameter: ``step`` (a float32 0-dim tensor —
     on the parameters' device on the kernel path, which advances it there, as torch's ``fused=True`` keeps it;
     on the CPU on the torch path, as torch's default), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
     state_dicts load into torch.optim.Adam and back. Kernel math in float32 (float64 for float64), the bias
@@ -303,10 +334,13 @@ class FusedAdam(_FusedOptimizer):
     DECOUPLED = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
-                 maximize=False):
-        _check_adam(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize)
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        _check_adam(lr, betas, eps, weight_decay, foreach, capturable)
+        _check_flags(type(self).__name__, foreach, fused, differentiable)
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=self.DECOUPLED)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -317,7 +351,9 @@ class FusedAdam(_FusedOptimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
-        _check_adam(**{**self.defaults, **param_group})
+        merged = {**self.defaults, **param_group}
+        _check_adam(**merged)
+        _check_flags(type(self).__name__, **merged)
         super().add_param_group(param_group)
 
     def _decoupled(self, group) -> bool:
@@ -359,7 +395,7 @@ class FusedAdam(_FusedOptimizer):
         for state, p in zip(states, params):
             if not isinstance(state["step"], torch.Tensor):
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = (float(b) for b in group["betas"])
         torch_ops.adam_foreach(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
                                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -374,8 +410,14 @@ class FusedAdamW(FusedAdam):
     DECOUPLED = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize)
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         capturable=capturable, differentiable=differentiable, fused=fused)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
     def _decoupled(self, group) -> bool:
         return True

@@ -151,8 +151,8 @@ def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *
                  weight_decay, amsgrad, maximize, decoupled):
     """torch.optim.Adam's foreach update without capturable (AdamW: ``decoupled``), in the parameter dtype; the
     float32 ``steps`` are incremented. Reads each step on the host (as torch does): CPU tensors here. Complex
-    tensors are updated as their real views, as torch does."""
-    lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+    tensors are updated as their real views, as torch does. A tensor ``lr`` rounds as torch's tensor-lr Adam does
+    (its step size and decoupled decay are tensor ops in lr's dtype)."""
     real = lambda ts: [None if t is None else torch.view_as_real(t) if t.is_complex() else t for t in ts]  # noqa: E731
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = map(real, (params, grads, exp_avgs, exp_avg_sqs,
                                                                         max_exp_avg_sqs))
@@ -161,7 +161,8 @@ def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *
     torch._foreach_add_(steps, 1)
     if weight_decay != 0:
         if decoupled:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            factor = 1 - lr * weight_decay
+            torch._foreach_mul_(params, float(factor) if isinstance(factor, torch.Tensor) else factor)
         elif maximize:
             torch._foreach_add_(grads, params, alpha=weight_decay)
         else:
@@ -170,7 +171,7 @@ def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     counts = [float(step) for step in steps]
-    step_size = [(lr / (1 - beta1 ** t)) * -1 for t in counts]
+    step_size = [float((lr / (1 - beta1 ** t)) * -1) for t in counts]
     bias2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in counts]
     if amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)

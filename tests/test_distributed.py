@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pyfused import FusedMLP, FusedSGD, data, train
+from pyfused import FusedAdam, FusedMLP, FusedSGD
+from pyfused.cli import data, train
 from pyfused.backend import interpreting
 from pyfused.train_step import FusedTrainStep
 
@@ -136,28 +137,39 @@ def test_ddp_fused_mlp_single_nccl_rank_equals_one_process(tmp_path, monkeypatch
 STEP_ROWS, STEP_BATCHES = 9, 4  # odd global batches: shares of 4 and 5 rows; 4 batches: k = 3 leaves a group of 1
 
 
-def step_batches(device):
-    """STEP_BATCHES global batches with every 4th target ignored, so the ranks count different numbers of rows."""
+STEP_CASES = {  # name: (model head, loss, optimizer): momentum SGD on the NLL; Adam on the MSE of a logits model
+    "sgd-nll": (True, "nll", lambda params: FusedSGD(params, lr=LR, momentum=MOMENTUM)),
+    "adam-mse": (False, "mse", lambda params: FusedAdam(params, lr=0.01, weight_decay=0.01, amsgrad=True)),
+}
+
+
+def step_batches(device, loss):
+    """STEP_BATCHES global batches with every 4th class target ignored, so the ranks count different numbers of
+    rows (MSE: float targets, the ranks' elements differ)."""
     gen = torch.Generator().manual_seed(11)
     out = []
     for _ in range(STEP_BATCHES):
         x = torch.randn(STEP_ROWS, SHAPE[0], generator=gen)
         t = torch.randint(0, SHAPE[2], (STEP_ROWS,), generator=gen)
         t[::4] = -100
+        if loss == "mse":
+            t = torch.randn(STEP_ROWS, SHAPE[2], generator=gen)
         out.append((x.to(device), t.to(device)))
     return out
 
 
-def train_with_step(device, k, process_group=None, rows=slice(None)):
-    """FusedTrainStep(model, FusedSGD, process_group, k) over ``rows`` of every step batch, flushed at the end;
-    (state_dict, momentum buffers, losses) on the CPU."""
-    model = fresh_model(device)
-    optimizer = FusedSGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    step = FusedTrainStep(model, optimizer, process_group, k)
-    losses = [step(x[rows], t[rows]) for x, t in step_batches(device)]
+def train_with_step(device, k, case, process_group=None, rows=slice(None)):
+    """FusedTrainStep(model, optimizer, process_group, k) of ``case`` over ``rows`` of every step batch, flushed
+    at the end; (state_dict, the optimizer's state tensors, losses) on the CPU."""
+    log_softmax, loss, make_optimizer = STEP_CASES[case]
+    torch.manual_seed(3)
+    model = FusedMLP(*SHAPE, device=device, log_softmax=log_softmax)
+    optimizer = make_optimizer(model.parameters())
+    step = FusedTrainStep(model, optimizer, process_group, k, loss=loss)
+    losses = [step(x[rows], t[rows]) for x, t in step_batches(device, loss)]
     step.flush()
-    buffers = [optimizer.state[p]["momentum_buffer"].cpu() for p in model.parameters()]
-    return {k: v.cpu() for k, v in model.state_dict().items()}, buffers, torch.stack(losses).cpu()
+    states = [v.cpu() for p in model.parameters() for v in optimizer.state[p].values()]
+    return {k: v.cpu() for k, v in model.state_dict().items()}, states, torch.stack(losses).cpu()
 
 
 def step_worker(rank, world, port, backend_name, device_type, pyfused_backends, out_dir):
@@ -167,31 +179,35 @@ def step_worker(rank, world, port, backend_name, device_type, pyfused_backends, 
         rows = slice(STEP_ROWS * rank // world, STEP_ROWS * (rank + 1) // world)
         for pyfused_backend in pyfused_backends:
             os.environ["PYFUSED_BACKEND"] = pyfused_backend
-            for k in (1, 3):
-                torch.save(train_with_step(device, k, dist.group.WORLD, rows),
-                           os.path.join(out_dir, f"step-{pyfused_backend}-{k}-rank{rank}.pt"))
+            for case in STEP_CASES:
+                for k in (1, 3):
+                    torch.save(train_with_step(device, k, case, dist.group.WORLD, rows),
+                               os.path.join(out_dir, f"step-{pyfused_backend}-{case}-{k}-rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def check_step_against_one_process(world, backend_name, device_type, pyfused_backends, tmp_path, monkeypatch):
-    """Every rank ends with the parameters, momentum buffers and (global mean) losses of one process that
-    steps on the whole batches: the ranks' gradients are all-reduced and the mean is over all counted rows."""
+    """Every rank ends with the parameters, optimizer state and (global) losses of one process that steps on the
+    whole batches: the ranks' gradients are all-reduced and the mean is over all counted rows (or elements)."""
     mp.spawn(step_worker, args=(world, free_port(), backend_name, device_type, pyfused_backends, str(tmp_path)),
              nprocs=world)
     for pyfused_backend in pyfused_backends:
         monkeypatch.setenv("PYFUSED_BACKEND", pyfused_backend)
-        for k in (1, 3):
-            expected = train_with_step(device_type, k)
-            for rank in range(world):
-                state, buffers, losses = torch.load(tmp_path / f"step-{pyfused_backend}-{k}-rank{rank}.pt")
-                where = f"{pyfused_backend}, k={k}, rank {rank}"
-                for name in expected[0]:
-                    torch.testing.assert_close(state[name], expected[0][name], **TOL, msg=lambda m: f"{where} {name}: {m}")
-                for ours, theirs in zip(buffers, expected[1]):
-                    torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{where} momentum: {m}")
-                torch.testing.assert_close(losses, expected[2], **TOL, msg=lambda m: f"{where} losses: {m}")
+        for case in STEP_CASES:
+            for k in (1, 3):
+                expected = train_with_step(device_type, k, case)
+                for rank in range(world):
+                    state, states, losses = torch.load(tmp_path / f"step-{pyfused_backend}-{case}-{k}-rank{rank}.pt")
+                    where = f"{pyfused_backend}, {case}, k={k}, rank {rank}"
+                    for name in expected[0]:
+                        torch.testing.assert_close(state[name], expected[0][name], **TOL,
+                                                   msg=lambda m: f"{where} {name}: {m}")
+                    assert len(states) == len(expected[1])
+                    for ours, theirs in zip(states, expected[1]):
+                        torch.testing.assert_close(ours, theirs, **TOL, msg=lambda m: f"{where} state: {m}")
+                    torch.testing.assert_close(losses, expected[2], **TOL, msg=lambda m: f"{where} losses: {m}")
 
 
 def test_train_step_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path, monkeypatch):

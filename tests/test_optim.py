@@ -13,8 +13,8 @@ import torch
 
 from pyfused.optim import FusedSGD
 
-SHAPES = [(7, 5), (5,), (), (0,), (3, 4, 2), (3000,), (4,)]  # (3000,): a full and a ragged 2048-block
-LATE, NEVER = 1, 6  # parameter indices: gets its first grad at step 5 / never gets one
+from utils import LATE, NEVER, SHAPES, make_params, set_grads, twin
+
 STEPS = 20
 KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
@@ -22,31 +22,6 @@ OPTIONS = [dict(momentum=0.0, weight_decay=wd, maximize=mx) for wd in (0.0, 0.01
     dict(momentum=0.9, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
     for d, n in ((0.0, False), (0.0, True), (0.5, False)) for wd in (0.0, 0.01) for mx in (False, True)
 ]
-
-
-def make_params(device, dtypes=(torch.float32,), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(device, dtypes[i % len(dtypes)]).requires_grad_()
-            for i, s in enumerate(SHAPES)]
-
-
-def twin(params, dtype=None):
-    return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
-
-
-def set_grads(step, *param_lists):
-    """The same random gradient for the i-th parameter of every list; on odd steps written in place, on even
-    steps as new tensors (new addresses: the kernel's address table must follow)."""
-    g = torch.Generator().manual_seed(1000 + step)
-    for i, ps in enumerate(zip(*param_lists)):
-        if i == NEVER or (i == LATE and step < 5):
-            continue
-        grad = torch.randn(ps[0].shape, generator=g, dtype=torch.float64).to(ps[0].dtype)
-        for p in ps:
-            if step % 2 and p.grad is not None:
-                p.grad.copy_(grad)
-            else:
-                p.grad = grad.to(p.device, p.dtype)
 
 
 def check(ours, theirs, backend, opt_ours=None, opt_theirs=None):
