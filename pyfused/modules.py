@@ -149,5 +149,31 @@ class DeepFusedMLP(_FusedNet):
             setattr(self, f"fc{i}", nn.Linear(n_in, n_out, b, device=device, dtype=dtype))
         self.activations, self.log_softmax = activations, log_softmax
 
+    @classmethod
+    def from_linear(cls, *linears: nn.Linear, activation="relu", log_softmax: bool = True) -> "DeepFusedMLP":
+        """A DeepFusedMLP whose ``fc1 … fcL`` are the given nn.Linear layers (shared, not copied), each taking the
+        previous one's output."""
+        if len(linears) < 2:
+            raise ValueError(f"DeepFusedMLP.from_linear needs at least two nn.Linear layers, got {len(linears)}")
+        for i, fc in enumerate(linears, 1):
+            if not isinstance(fc, nn.Linear):
+                raise TypeError(f"fc{i} must be an nn.Linear, got {type(fc).__name__}")
+            if i > 1 and fc.in_features != linears[i - 2].out_features:
+                raise ValueError(f"fc{i}.in_features must equal fc{i - 1}.out_features "
+                                 f"({linears[i - 2].out_features}), got {fc.in_features}")
+        activations = (activation,) * (len(linears) - 1) if isinstance(activation, str) else tuple(activation)
+        if len(activations) != len(linears) - 1:
+            raise ValueError(f"activation must be one name or one per hidden layer ({len(linears) - 1}), "
+                             f"got {len(activations)}")
+        for name in activations:
+            checks.check_activation(name)
+        _check_head(log_softmax)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        for i, fc in enumerate(linears, 1):
+            setattr(model, f"fc{i}", fc)
+        model.activations, model.log_softmax = activations, log_softmax
+        return model
+
     def extra_repr(self) -> str:
         return f"activations={self.activations}, log_softmax={self.log_softmax}"

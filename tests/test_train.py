@@ -1,4 +1,4 @@
-"""The training CLI (``python -m pyfused.train``) and its data (:mod:`pyfused.data`).
+"""The training CLI (``python -m pyfused.train``) and its data (:mod:`pyfused.cli.data`).
 
 The CLI runs as a subprocess on tiny Fashion-MNIST IDX files written here (torchvision's layout, one split
 gzipped, one plain) and on the synthetic set with ``--limit``; cheap error paths call ``main(argv)`` in
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyfused import data, train
+from pyfused.cli import data, train
 
 from conftest import DEVICE
 
@@ -117,6 +117,35 @@ def test_sigmoid_activation_against_the_reference(tmp_path):
     assert list(torch.load(pt)) == ["fc1.weight", "fc2.weight"]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_deeper_net_with_adam_against_the_reference(tmp_path, optimizer):
+    """--hidden 13,8 --activation relu,sigmoid --optimizer adam(w): DeepFusedMLP(784, 13, 8, 10) and FusedAdam in
+    FusedTrainStep against nn.Sequential + torch.optim.Adam(W); the choices are in --json and the header."""
+    js, pt = tmp_path / "metrics.json", tmp_path / "model.pt"
+    proc = run_cli("--data", "synthetic", *TINY, "--hidden", "13,8", "--activation", "relu,sigmoid", "--optimizer",
+                   optimizer, "--lr", "0.01", "--reference", "--json", str(js), "--save", str(pt))
+    assert proc.returncode == 0, proc.stderr
+    name = {"adam": "Adam", "adamw": "AdamW"}[optimizer]
+    assert f"784-13-8-10 relu,sigmoid bias=False | {name} lr=0.01" in proc.stdout.splitlines()[0]
+    report = json.loads(js.read_text())
+    assert report["config"]["hidden"] == [13, 8] and report["config"]["activation"] == ["relu", "sigmoid"]
+    assert report["config"]["optimizer"] == optimizer and report["config"]["lr"] == 0.01
+    assert report["max_loss_rel_diff"] <= 1e-6, proc.stdout
+    assert report["pyfused"][-1]["test_acc"] > 0.3
+    assert list(torch.load(pt)) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "13,8", "--activation", "relu,relu,relu"], "one name, or one per hidden layer (2), got 3"),
+    (["--activation", "tanh"], "activation must be one of"),
+    (["--hidden", "13,x"], "expected integers separated by commas"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum is SGD's"),
+])
+def test_engine_flag_errors(argv, message, capsys):
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_full_default_run_follows_plain_pytorch_for_ten_epochs(tmp_path):
     """The seed's whole job (60,000 synthetic rows, 10 epochs, lr 0.15) against --reference: the torch path runs
     eager's own ops, so per-epoch losses agree far inside the ~1e-4 asked (6e-11 relative measured); rounding
@@ -170,7 +199,7 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("pyfused-train")
 @pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="pyfused is not pip-installed beside this interpreter")
 def test_console_script_exit_status_for_a_bad_flag():
     proc = subprocess.run([str(CONSOLE_SCRIPT), "--hidden", "0"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "argument --hidden: must be at least 1, got 0" in proc.stderr
+    assert proc.returncode == 2 and "argument --hidden: every hidden width must be at least 1, got '0'" in proc.stderr
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The steps of :func:`pyfused.train.train`: one interface over FusedTrainStep and the plain-PyTorch eager
+"""The steps of :func:`pyfused.cli.train.train`: one interface over FusedTrainStep and the plain-PyTorch eager
 loop (the reference), so that the training loop is written once.
 
 A step is ``step(x, y, denom, update, total)``: it adds the gradient of ``Σ nll(x, y) / denom`` (the summed
@@ -15,15 +15,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pyfused.modules import FusedMLP
-from pyfused.optim import FusedSGD
+from pyfused.modules import DeepFusedMLP, FusedMLP
+from pyfused.optim import FusedAdam, FusedAdamW, FusedSGD
 from pyfused.train_step import FusedTrainStep
 
 
 def seeded_linears(args) -> list[nn.Linear]:
-    """fc1 then fc2, created on the CPU right after torch.manual_seed(seed): the seed's initial weights."""
+    """fc1 … fcL (784 → the --hidden widths → 10), created on the CPU right after torch.manual_seed(seed): the
+    seed's initial weights."""
     torch.manual_seed(args.seed)
-    return [nn.Linear(784, args.hidden, bias=args.bias), nn.Linear(args.hidden, 10, bias=args.bias)]
+    widths = (784, *args.hidden, 10)
+    return [nn.Linear(n_in, n_out, bias=args.bias) for n_in, n_out in zip(widths, widths[1:])]
+
+
+OPTIMIZER_CLASSES = {"sgd": (FusedSGD, torch.optim.SGD), "adam": (FusedAdam, torch.optim.Adam),
+                     "adamw": (FusedAdamW, torch.optim.AdamW)}
+
+
+def make_optimizer(params, args, fused: bool):
+    """``--optimizer`` over ``params``: pyfused's (``fused``) or torch.optim's, with --lr, --weight-decay (and
+    --momentum for SGD)."""
+    options = dict(lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        options["momentum"] = args.momentum
+    return OPTIMIZER_CLASSES[args.optimizer][0 if fused else 1](params, **options)
 
 
 class TrainStepAdapter:
@@ -55,28 +70,39 @@ def module_step(net, optimizer):
 
 
 def fused_step(model, args, ranks=None):
-    """FusedTrainStep of ``model`` (a FusedMLP) with FusedSGD behind the step interface: with the WORLD process
-    group when ``ranks`` has one, and ``--accumulate`` accumulation steps."""
-    optimizer = FusedSGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    """FusedTrainStep of ``model`` with the --optimizer behind the step interface: with the WORLD process group
+    when ``ranks`` has one, and ``--accumulate`` accumulation steps."""
+    optimizer = make_optimizer(model.parameters(), args, fused=True)
     group = dist.group.WORLD if ranks is not None and ranks.distributed else None
     return TrainStepAdapter(FusedTrainStep(model, optimizer, group, args.accumulate))
 
 
 def build_fused(args, ranks):
-    """(model, step): the FusedMLP on ``ranks.device`` and its :func:`fused_step`."""
-    model = FusedMLP.from_linear(*seeded_linears(args), activation=args.activation).to(ranks.device)
+    """(model, step): the FusedMLP (DeepFusedMLP for several hidden layers) on ``ranks.device`` and its
+    :func:`fused_step`."""
+    linears = seeded_linears(args)
+    if len(linears) == 2:
+        model = FusedMLP.from_linear(*linears, activation=args.activation[0])
+    else:
+        model = DeepFusedMLP.from_linear(*linears, activation=args.activation)
+    model = model.to(ranks.device)
     return model, fused_step(model, args, ranks)
 
 
 def reference_step(model, args):
-    """:func:`module_step` with torch.optim.SGD: the seed's code path."""
-    return module_step(model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum))
+    """:func:`module_step` with the torch.optim optimizer: the seed's code path."""
+    return module_step(model, make_optimizer(model.parameters(), args, fused=False))
 
 
 def build_reference(args, device):
-    """(model, step): the seed's model, nn.Sequential of the same fc1, fc2 (same init) on ``device``."""
-    fc1, fc2 = seeded_linears(args)
-    act = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}[args.activation]()
-    model = nn.Sequential(collections.OrderedDict(
-        fc1=fc1, **{args.activation: act}, fc2=fc2, log_softmax=nn.LogSoftmax(dim=1))).to(device)
+    """(model, step): the seed's model, nn.Sequential of the same fc1 … fcL (same init) and activations."""
+    linears = seeded_linears(args)
+    layers = collections.OrderedDict()
+    for i, fc in enumerate(linears, 1):
+        layers[f"fc{i}"] = fc
+        if i < len(linears):
+            name = args.activation[i - 1]
+            layers[name if len(linears) == 2 else f"{name}{i}"] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid}[name]()
+    layers["log_softmax"] = nn.LogSoftmax(dim=1)
+    model = nn.Sequential(layers).to(device)
     return model, reference_step(model, args)

@@ -12,10 +12,10 @@ and the host reads the device only once per epoch (and, for the progress bar, at
 (``nn.Sequential`` + ``F.nll_loss`` + ``torch.optim.SGD``), then prints both runs and the speed ratio.
 
 ``--accumulate K`` gives the train step K accumulation steps, and under ``torchrun`` (data-parallel over ranks,
-:mod:`pyfused.ranks`) it all-reduces over the WORLD process group. :func:`train` is the one loop for the fused
-run and the eager reference, the step a pluggable callable (:mod:`pyfused.steps`). Step ``i`` of an epoch takes
+:mod:`pyfused.cli.ranks`) it all-reduces over the WORLD process group. :func:`train` is the one loop for the fused
+run and the eager reference, the step a pluggable callable (:mod:`pyfused.cli.steps`). Step ``i`` of an epoch takes
 the global batch ``perm[i·B·W : (i+1)·B·W]`` (``B`` = ``--batch-size`` per rank, ``W`` ranks), rank r its
-contiguous share (:meth:`pyfused.ranks.Ranks.shard`; empty when the epoch's last global batch has fewer than W
+contiguous share (:meth:`pyfused.cli.ranks.Ranks.shard`; empty when the epoch's last global batch has fewer than W
 rows); K consecutive global batches form one update, which uses the mean over its ``g`` batches (K, or the r < K
 left at the end of an epoch, applied by ``flush()``) of each global batch's mean-loss gradient: with W ranks,
 the same update as one process with batch ``B·W``. The eager loop gets the same update by dividing each batch's
@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from pyfused import backend, checks, data, ranks as ranks_
-from pyfused.steps import build_fused, build_reference, fused_step, reference_step
+from pyfused import backend, checks
+from pyfused.cli import data, ranks as ranks_
+from pyfused.cli.steps import build_fused, build_reference, fused_step, reference_step
 
 EVAL_CHUNK = 8192
 BAR_INTERVAL_S = 0.5
@@ -65,7 +66,11 @@ It loads into any module with nn.Linear attributes fc1 and fc2, e.g. the seed's 
     net = Net(); net.load_state_dict(torch.load("model.pt"))
 
 or into pyfused.FusedMLP(784, 128, 10, bias=False). With --activation sigmoid, use F.sigmoid there and
-pyfused.FusedMLP(..., activation="sigmoid"): the state_dict does not record the activation.
+pyfused.FusedMLP(..., activation="sigmoid"): the state_dict does not record the activation. With more hidden
+layers (--hidden 13,8) the keys are fc1 ... fcL of pyfused.DeepFusedMLP(784, 13, 8, 10, activation=...).
+
+Optimizers (--optimizer): sgd (FusedSGD; --lr 0.15, --momentum), adam and adamw (FusedAdam / FusedAdamW; --lr
+1e-3, --weight-decay), applied inside FusedTrainStep's gradient kernel; --reference uses torch.optim's.
 
 Gradient accumulation (--accumulate K): each SGD step uses the mean of the mean-loss gradients of K
 consecutive batches (the eager loop: loss / K, backward, step and zero_grad every K batches). The batches left
@@ -74,8 +79,9 @@ at the end of an epoch, r < K of them, are one more step with the mean over thos
 Data-parallel training: torchrun --nproc-per-node N -m pyfused.train ... (gloo on cpu, nccl on cuda, rank r on
 cuda:LOCAL_RANK). --batch-size is per rank: every rank draws the same permutation (same --seed) and takes its
 contiguous share of each global batch of N x batch-size rows; the fused step all-reduces each batch's loss
-count and each update's gradients, so the run makes the updates of one process with batch N x batch-size. Metrics are summed over the ranks;
-only rank 0 prints and writes --plot, --json and --save. --reference runs in one process only.
+count and each update's gradients, so the run makes the updates of one process with batch N x batch-size.
+Metrics are summed over the ranks; only rank 0 prints and writes --plot, --json and --save. --reference runs in
+one process only.
 """
 
 
@@ -119,12 +125,39 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"every hidden width must be at least 1, got {text!r}")
+    return widths
+
+
+def _activations(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    for name in names:
+        if name not in checks.ACTIVATIONS:
+            raise argparse.ArgumentTypeError(f"activation must be one of {checks.ACTIVATIONS}, got {name!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyfused-train", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lr", type=_nonnegative_float, default=0.15, help="SGD learning rate (default 0.15)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                        help="sgd (the seed's), adam or adamw: pyfused.FusedSGD / FusedAdam / FusedAdamW, and "
+                             "torch.optim's for --reference (default sgd)")
+    parser.add_argument("--lr", type=_nonnegative_float, default=None,
+                        help="learning rate (default 0.15 for sgd, the seed's; 1e-3 for adam and adamw, torch's)")
     parser.add_argument("--momentum", type=_nonnegative_float, default=0.0, help="SGD momentum (default 0)")
+    parser.add_argument("--weight-decay", type=_nonnegative_float, default=None,
+                        help="weight decay (default: the optimizer's, 0; 1e-2 for adamw)")
     parser.add_argument("--epochs", type=_int_at_least(1), default=10, help="epochs (default 10)")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=128,
                         help="batch size, per rank under torchrun (default 128)")
@@ -132,10 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sum the gradients of K batches per SGD step, each batch's loss scaled by 1/K "
                              "(1/r for the r < K batches left at an epoch's end, which are stepped too); "
                              "default 1")
-    parser.add_argument("--hidden", type=_int_at_least(1), default=128, help="hidden units (default 128)")
+    parser.add_argument("--hidden", type=_widths, default=(128,), metavar="H[,H...]",
+                        help="hidden units, one number per hidden layer: 128 (the seed), or 13,8 for two hidden "
+                             "layers (default 128)")
     parser.add_argument("--bias", action="store_true", help="give both Linear layers a bias (default: none)")
-    parser.add_argument("--activation", choices=checks.ACTIVATIONS, default="relu",
-                        help="the hidden layer's activation (default relu, the seed's)")
+    parser.add_argument("--activation", type=_activations, default=("relu",), metavar="A[,A...]",
+                        help=f"the hidden layers' activation, one of {', '.join(checks.ACTIVATIONS)}, or one per "
+                             "hidden layer, e.g. relu,sigmoid (default relu, the seed's)")
     parser.add_argument("--seed", type=int, default=420, help="torch.manual_seed for init and batches (default 420)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="training device; auto: cuda if available, else cpu")
@@ -160,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if len(args.activation) == 1:
+        args.activation = args.activation * len(args.hidden)
+    elif len(args.activation) != len(args.hidden):
+        parser.error(f"--activation: one name, or one per hidden layer ({len(args.hidden)}), got "
+                     f"{len(args.activation)}")
+    if args.lr is None:
+        args.lr = 0.15 if args.optimizer == "sgd" else 1e-3
+    if args.weight_decay is None:
+        args.weight_decay = 1e-2 if args.optimizer == "adamw" else 0.0
+    if args.optimizer != "sgd" and args.momentum:
+        parser.error("--momentum is SGD's; adam and adamw take --lr and --weight-decay")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -195,7 +242,7 @@ def warm_up(model, make_step, dataset, args) -> None:
 
 
 def train(model, step, dataset, args, show_bar: bool, ranks=None) -> list[EpochStats]:
-    """Train for args.epochs with ``step`` (the interface of :mod:`pyfused.steps`), printing one line per
+    """Train for args.epochs with ``step`` (the interface of :mod:`pyfused.cli.steps`), printing one line per
     epoch on the main rank; returns the per-epoch stats, summed over the ranks. ``model`` (not its DDP
     wrapper) is what the accuracies are measured on, each rank on its share of the rows."""
     x_all, y_all = dataset.train_x, dataset.train_y
@@ -283,8 +330,19 @@ def _header(args, dataset, kernels: bool, ranks) -> str:
     if args.accumulate > 1:
         batch += f" x {args.accumulate} accumulated"
     return (f"pyfused-train: {dataset.describe()} | {args.device}, {path} | "
-            f"784-{args.hidden}-10 {args.activation} bias={args.bias} | SGD lr={args.lr:g} momentum={args.momentum:g} | "
+            f"{describe_net(args)} bias={args.bias} | {describe_optimizer(args)} | "
             f"{batch} | {args.epochs} epochs | seed {args.seed}")
+
+
+def describe_net(args) -> str:
+    """E.g. ``784-128-10 relu`` or ``784-13-8-10 relu,sigmoid``."""
+    return f"{'-'.join(map(str, (784, *args.hidden, 10)))} {','.join(args.activation)}"
+
+
+def describe_optimizer(args) -> str:
+    name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[args.optimizer]
+    extra = f" momentum={args.momentum:g}" if args.optimizer == "sgd" else ""
+    return f"{name} lr={args.lr:g}{extra} weight_decay={args.weight_decay:g}"
 
 
 def _compare(runs: dict[str, list[EpochStats]]) -> dict:
@@ -340,7 +398,8 @@ def _run(args, ranks) -> int:
                        "n_test": len(dataset.test_y), "warning": warning},
               "backend": "triton" if kernels else "torch", "world_size": ranks.world}
     if args.reference:
-        print("reference run: nn.Sequential + F.nll_loss + torch.optim.SGD, same seed and batches", flush=True)
+        print(f"reference run: nn.Sequential + F.nll_loss + torch.optim.{describe_optimizer(args).split()[0]}, same "
+              "seed and batches", flush=True)
         ref_model, ref_step = build_reference(args, device)
         warm_up(ref_model, reference_step, dataset, args)
         runs["reference"] = train(ref_model, ref_step, dataset, args, show_bar)
