@@ -106,6 +106,9 @@ def check_mse_target(x, target, n_out, reduction) -> None:
         raise DeviceError(f"target must be on x's device {x.device}, got {target.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if target.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("pyfused's fused MSE does not differentiate its target; detach the target, or use "
+                           "F.mse_loss(model(x), target) for a target that needs a gradient")
 
 
 def check_choice(name, value, choices) -> None:

@@ -138,6 +138,8 @@ def test_mse_target_errors():
         model.mse_loss(x, torch.zeros(2))
     with pytest.raises(ValueError, match="reduction must be one of"):
         model.mse_loss(x, torch.zeros(2, 3), reduction="max")
+    with pytest.raises(RuntimeError, match="does not differentiate its target"):
+        model.mse_loss(x, torch.zeros(2, 3, requires_grad=True))
 
 
 def test_deep_bias_argument_errors():
