@@ -195,7 +195,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], 32 if deep else 16),
                     BLOCK_H=dot_block(hidden, max(16, min(128, 4096 // block_out))), BLOCK_OUT=block_out,
                     num_warps=16 if wide else 8, num_stages=2)
-    block_h = dot_block(hidden, max(16, min(64, 4096 // block_out)))
+    # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
+    # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
+    aligned = all(n % 16 == 0 for n in widths[1:-1])
+    block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
         fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages

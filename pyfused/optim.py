@@ -124,6 +124,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     foreach update."""
 
     KIND = "sgd"
+    GROUP_DEFAULTS = {}  # options a loaded state may lack, and their defaults
 
     def __init__(self, params, defaults):
         self._tables = {}  # group index -> (address key, tables, used by a CUDA-graph capture)
@@ -136,6 +137,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for name in ("_tables", "_hp"):
             self.__dict__.setdefault(name, {})
         self.__dict__.setdefault("_captured_tables", [])
+        for group in self.param_groups:  # options added after a state was saved
+            for key, value in self.GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
+        merged = {**self.defaults, **param_group}
+        self._check_options(**merged)
+        _check_flags(type(self).__name__, **merged)
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -263,6 +274,7 @@ class FusedSGD(_FusedOptimizer):
     """
 
     KIND = "sgd"
+    GROUP_DEFAULTS = dict(nesterov=False, maximize=False)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
@@ -273,18 +285,7 @@ class FusedSGD(_FusedOptimizer):
                         fused=fused)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
-        merged = {**self.defaults, **param_group}
-        _check_sgd(**merged)
-        _check_flags("FusedSGD", **merged)
-        super().add_param_group(param_group)
+    _check_options = staticmethod(_check_sgd)
 
     def _existing_states(self, p):
         buf = self.state.get(p, {}).get("momentum_buffer")
@@ -296,7 +297,7 @@ class FusedSGD(_FusedOptimizer):
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
-            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return [state["momentum_buffer"]], None, True
         return [buf], None, False
 
@@ -332,6 +333,7 @@ class FusedAdam(_FusedOptimizer):
 
     KIND = "adam"
     DECOUPLED = False
+    GROUP_DEFAULTS = dict(amsgrad=False, maximize=False)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
@@ -343,18 +345,7 @@ class FusedAdam(_FusedOptimizer):
                         decoupled_weight_decay=self.DECOUPLED)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """torch's ``add_param_group``, with the group's own options validated as the constructor's are."""
-        merged = {**self.defaults, **param_group}
-        _check_adam(**merged)
-        _check_flags(type(self).__name__, **merged)
-        super().add_param_group(param_group)
+    _check_options = staticmethod(_check_adam)
 
     def _decoupled(self, group) -> bool:
         """AdamW's decoupled weight decay (also a torch Adam state with ``decoupled_weight_decay`` loaded here)."""

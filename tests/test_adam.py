@@ -137,30 +137,6 @@ def test_half_precision_against_float64(backend, device, dtype):
         assert (a.double() - r).norm() <= 2 * (b.double() - r).norm() + 1e-3
 
 
-def test_one_launch_per_group_and_cached_table(monkeypatch, device):
-    from pyfused.kernels import optimizers
-
-    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
-    counts = dict(launch=0, build=0)
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(optimizers, "optimizer_step", counted("launch", optimizers.optimizer_step))
-    monkeypatch.setattr(optimizers, "make_table", counted("build", optimizers.make_table))
-    params = make_params(device)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt = FusedAdam([dict(params=params[:3]), dict(params=params[3:], amsgrad=True)])
-    for _ in range(5):
-        opt.step()
-    assert counts == dict(launch=10, build=2)
-    assert all(float(opt.state[p]["step"]) == 5 for p in params)
-
-
 PARAMS = lambda device, dtype: [torch.randn(4, 3, device=device, dtype=dtype).requires_grad_(),  # noqa: E731
                                 torch.randn(3, device=device, dtype=dtype).requires_grad_()]
 

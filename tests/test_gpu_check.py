@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import gpu_check  # noqa: E402
+from bench.gpu_check import correctness, stages  # noqa: E402
+from bench.gpu_check.report import Report  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run (CI's); on a GPU run the command itself")
 
@@ -42,11 +43,11 @@ def test_cpu_run_writes_the_report(tmp_path):
 
 def test_a_failed_check_fails_the_stage(tmp_path, monkeypatch):
     """A kernel that is wrong shows as a failed output with its error, and the stage (and the run) fail."""
-    monkeypatch.setattr(gpu_check, "variants", lambda cuda: [gpu_check.Variant("fp32", (9, 12, 10, 4), True, "relu")])
-    real = gpu_check.pyfused.fused_mlp
-    monkeypatch.setattr(gpu_check.pyfused, "fused_mlp", lambda *a, **k: real(*a, **k) * 1.001)
-    report = gpu_check.Report(tmp_path, "test", 100)
-    gpu_check.stage_correctness(report, torch.device("cpu"))
+    monkeypatch.setattr(correctness, "variants", lambda cuda: [correctness.Variant("fp32", (9, 12, 10, 4), True, "relu")])
+    real = correctness.pyfused.fused_mlp
+    monkeypatch.setattr(correctness.pyfused, "fused_mlp", lambda *a, **k: real(*a, **k) * 1.001)
+    report = Report(tmp_path, "test", 100)
+    correctness.stage_correctness(report, torch.device("cpu"))
     assert report.stages["correctness"][0] == "fail"
     assert "Failures:" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
@@ -55,9 +56,9 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
     """The timing and seed-job stages at tiny sizes on the CPU (kernels on the interpreter): rows for every
     implementation and launch, the report written."""
     monkeypatch.setenv("PYFUSED_BACKEND", "triton")
-    report = gpu_check.Report(tmp_path, "test", 300)
+    report = Report(tmp_path, "test", 300)
     cpu = torch.device("cpu")
-    gpu_check.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
+    stages.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
                                                    dims=(32, 16, 10)),
                             launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)))
     assert report.stages["timings"][0] == "pass", report.stages["timings"]
@@ -69,14 +70,14 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
         (8, "module step launch 4: optimizer_kernel"), (40, "FusedTrainStep (whole call)")}
     assert all(float(r["median_us"]) > 0 for r in launches)
     monkeypatch.setenv("PYFUSED_BACKEND", "auto")
-    gpu_check.stage_seed_job(report, cpu, epochs=1, extra=("--limit", "600"))
+    stages.stage_seed_job(report, cpu, epochs=1, extra=("--limit", "600"))
     assert report.stages["seed_job"][0] == "pass", report.stages["seed_job"]
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "Seed step" in text and "speed ratio" in text
 
 
 def test_committed_compile_report_parses():
-    table = gpu_check.committed_report("sm_90")
+    table = stages.committed_report("sm_90")
     for kernel in ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads"):
         regs, spill = table[(kernel, "fp32", "no")]
         assert int(regs) > 0 and spill.count("/") == 1

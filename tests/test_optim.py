@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from pyfused.optim import FusedSGD
+from pyfused.optim import FusedAdam, FusedSGD
 
-from utils import LATE, NEVER, SHAPES, make_params, set_grads, twin
+from utils import NEVER, SHAPES, make_params, set_grads, twin
 
 STEPS = 20
 KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -243,7 +243,9 @@ def test_mixed_devices_refused(backend):
         FusedSGD(params, lr=0.1, momentum=0.9).step()
 
 
-def test_one_launch_per_group_and_cached_table(monkeypatch, device):
+@pytest.mark.parametrize("cls, group_options", [(FusedSGD, dict(momentum=0.0)), (FusedAdam, dict(amsgrad=True))],
+                         ids=["sgd", "adam"])
+def test_one_launch_per_group_and_cached_table(monkeypatch, device, cls, group_options):
     """Kernel path: one launch per group and step; the address table is built on the first step only while
     the addresses stay (grads written in place), and rebuilt when a grad is re-allocated."""
     from pyfused.kernels import optimizers
@@ -262,10 +264,13 @@ def test_one_launch_per_group_and_cached_table(monkeypatch, device):
     params = make_params(device)
     for p in params:
         p.grad = torch.ones_like(p)
-    opt = FusedSGD([dict(params=params[:3]), dict(params=params[3:], momentum=0.0)], lr=0.1, momentum=0.9)
+    opt = cls([dict(params=params[:3]), dict(params=params[3:], **group_options)], lr=0.1,
+              **(dict(momentum=0.9) if cls is FusedSGD else {}))
     for _ in range(5):
         opt.step()
     assert counts == dict(launch=10, build=2)
+    if cls is FusedAdam:
+        assert all(float(opt.state[p]["step"]) == 5 for p in params)
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert counts == dict(launch=12, build=3)

@@ -1,0 +1,374 @@
+"""Stage 2 of ``python -m bench.gpu_check``: the kernel variants against float64 PyTorch, with the tests' tolerances."""
+from __future__ import annotations
+
+import dataclasses
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import pyfused
+from bench.gpu_check.common import DTYPES, SEED, copy_model, kernel_backend, with_precision
+from bench.gpu_check.report import Report, table
+
+def _absolute(atol, rtol):
+    def rule(ours, exact, same):
+        bound = atol + rtol * exact.abs()
+        return (ours - exact).abs(), bound
+    return rule
+
+
+def _flash(ours, exact, same):
+    """|ours − ref64| ≤ 2·|torch_same_dtype − ref64| + 2e-3, elementwise (the tests' rule for 16-bit types)."""
+    return (ours - exact).abs(), 2 * (same - exact).abs() + 2e-3
+
+
+# mode -> rule(ours, exact, same) -> (error, bound), all float64 tensors; the test suite's tolerances
+RULES = {"fp32": _absolute(1e-4, 1e-4), "tf32": _absolute(2e-2, 2e-2), "bf16": _flash, "fp16": _flash,
+         "fp64": _absolute(1e-10, 1e-10)}
+def _flash_norm(ours, exact, same):
+    """‖ours − ref64‖ ≤ 2·‖torch_same_dtype − ref64‖ + 1e-3 per tensor (the tests' rule for 16-bit Adam, whose
+    normalised steps make elementwise errors of the order of lr wherever the roundings part)."""
+    return (ours - exact).norm().reshape(1), (2 * (same - exact).norm() + 1e-3).reshape(1)
+
+
+# FusedSGD / FusedTrainStep after several steps, against the same computation by torch in float64 / same dtype
+STEP_RULES = {"fp32": _absolute(1e-5, 1e-4), "tf32": _absolute(2e-2, 2e-2), "bf16": _flash, "fp16": _flash,
+              "fp64": _absolute(1e-10, 1e-10)}
+ADAM_RULES = dict(STEP_RULES, bf16=_flash_norm, fp16=_flash_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel configuration to check: mode (a key of :data:`DTYPES`), sizes, bias, hidden activation."""
+
+    mode: str
+    shape: tuple
+    bias: bool
+    activation: str
+
+    def label(self) -> str:
+        rows, n_in, hidden, out = self.shape
+        return f"{self.mode} {rows}×{n_in}→{hidden}→{out} {'bias' if self.bias else 'no bias'} {self.activation}"
+
+
+def variants(cuda: bool) -> list[Variant]:
+    """What stage 2 checks: every mode at the seed shape (no bias, relu: the seed), sigmoid with bias, and ragged
+    shapes (sizes that are not multiples of any block) — sized to compile in about a minute on a GPU."""
+    if not cuda:  # the interpreter: small shapes, no bfloat16 / TF32
+        small, ragged = (13, 29, 19, 7), (40, 24, 36, 5)
+        return ([Variant(m, small, b, a) for m in ("fp32", "fp16", "fp64")
+                 for b, a in ((False, "relu"), (True, "sigmoid"))]
+                + [Variant("fp32", ragged, True, "relu")])
+    ragged = (333, 100, 72, 33)
+    return ([Variant(m, SEED, False, "relu") for m in ("fp32", "tf32", "bf16", "fp16", "fp64")]
+            + [Variant(m, SEED, True, "sigmoid") for m in ("fp32", "bf16")]
+            + [Variant(m, ragged, True, "relu") for m in ("fp32", "tf32", "bf16")]
+            + [Variant("fp32", ragged, False, "sigmoid")])
+
+
+def _make(v: Variant, device, dtype, seed=0):
+    rows, n_in, hidden, out = v.shape
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = r(rows, n_in)
+    w1, w2 = r(hidden, n_in) / n_in ** 0.5, r(out, hidden) / hidden ** 0.5
+    b1, b2 = (r(hidden) * 0.5, r(out) * 0.5) if v.bias else (None, None)
+    target = torch.randint(0, out, (rows,), generator=g)
+    target[::7] = -100
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    return [cast(t) for t in (x, w1, b1, w2, b2)], target.to(device)
+
+
+def _graph(tensors, activation, dtype, head="log_softmax"):
+    x, w1, b1, w2, b2 = (None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors)
+    act = torch.relu if activation == "relu" else torch.sigmoid
+
+    def forward():
+        z = F.linear(act(F.linear(x, w1, b1)), w2, b2)
+        return F.log_softmax(z, dim=-1) if head == "log_softmax" else z
+    return [x, w1, b1, w2, b2], forward
+
+
+def _compare(mode, rules, name, ours, exact, same) -> dict:
+    err, bound = rules[mode](ours.detach().double(), exact.detach().double(), same.detach().double())
+    finite = torch.isfinite(ours).all().item() or not torch.isfinite(exact).all().item()
+    ok = bool(finite and (err <= bound).all().item())
+    excess = float((err - bound).max()) if err.numel() else 0.0
+    return dict(output=name, max_error=f"{float(err.max()) if err.numel() else 0.0:.3g}", worst_excess=f"{excess:.3g}",
+                ok=ok)
+
+
+def check_ops(v: Variant, device) -> list[dict]:
+    """fused_mlp and fused_mlp_nll (mean over non-ignored rows): outputs and the five gradients."""
+    dtype = DTYPES[v.mode]
+    tensors, target = _make(v, device, dtype)
+    live = [t for t in tensors if t is not None]
+    ex_in, exact = _graph(tensors, v.activation, torch.float64)
+    sm_in, same = _graph(tensors, v.activation, dtype)
+    rows = []
+    # a loss-sized output gradient (the tests' half-precision rule has an absolute 2e-3 term)
+    dy = torch.randn(v.shape[0], v.shape[3], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dy /= v.shape[0]
+    y = pyfused.fused_mlp(*tensors, v.activation)
+    ry, sy = exact(), same()
+    rows.append(dict(check="fused_mlp", **_compare(v.mode, RULES, "y", y, ry, sy)))
+    grads = torch.autograd.grad(y, live, dy.to(device, dtype))
+    rgrads = torch.autograd.grad(ry, [t for t in ex_in if t is not None], dy.to(device))
+    sgrads = torch.autograd.grad(sy, [t for t in sm_in if t is not None], dy.to(device, dtype))
+    names = [n for n, t in zip(("dx", "dw1", "db1", "dw2", "db2"), tensors) if t is not None]
+    rows += [dict(check="fused_mlp", **_compare(v.mode, RULES, n, a, b, c))
+             for n, a, b, c in zip(names, grads, rgrads, sgrads)]
+    loss = pyfused.fused_mlp_nll(*tensors, target, activation=v.activation)
+    rl, sl = F.nll_loss(exact(), target), F.nll_loss(same(), target)
+    rows.append(dict(check="fused_mlp_nll", **_compare(v.mode, RULES, "loss", loss, rl, sl)))
+    grads = torch.autograd.grad(loss, live)
+    rgrads = torch.autograd.grad(rl, [t for t in ex_in if t is not None])
+    sgrads = torch.autograd.grad(sl, [t for t in sm_in if t is not None])
+    rows += [dict(check="fused_mlp_nll", **_compare(v.mode, RULES, n, a, b, c))
+             for n, a, b, c in zip(names, grads, rgrads, sgrads)]
+    return rows
+
+
+def check_losses(v: Variant, device) -> list[dict]:
+    """The logits head's losses: fused_mlp_cross_entropy and fused_mlp_mse (means), loss and every gradient."""
+    dtype = DTYPES[v.mode]
+    tensors, target = _make(v, device, dtype)
+    live = [t for t in tensors if t is not None]
+    names = [n for n, t in zip(("dx", "dw1", "db1", "dw2", "db2"), tensors) if t is not None]
+    ex_in, exact = _graph(tensors, v.activation, torch.float64, "logits")
+    sm_in, same = _graph(tensors, v.activation, dtype, "logits")
+    values = torch.randn(v.shape[0], v.shape[3], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rows = []
+    for name, fused, eager, t in (
+            ("fused_mlp_cross_entropy", pyfused.fused_mlp_cross_entropy, F.cross_entropy, target),
+            ("fused_mlp_mse", pyfused.fused_mlp_mse, F.mse_loss, values.to(device, dtype))):
+        loss = fused(*tensors, t, activation=v.activation)
+        rl = eager(exact(), t if t.dtype == torch.int64 else t.double())
+        sl = eager(same(), t)
+        rows.append(dict(check=name, **_compare(v.mode, RULES, "loss", loss, rl, sl)))
+        rows += [dict(check=name, **_compare(v.mode, RULES, n, a, b, c)) for n, a, b, c in zip(
+            names, torch.autograd.grad(loss, live), torch.autograd.grad(rl, [t for t in ex_in if t is not None]),
+            torch.autograd.grad(sl, [t for t in sm_in if t is not None]))]
+    return rows
+
+
+def check_deep(v: Variant, device) -> list[dict]:
+    """A three-layer chain (an extra hidden layer before the fused head): NLL and every gradient."""
+    dtype = DTYPES[v.mode]
+    (x, w1, b1, w2, b2), target = _make(v, device, dtype)
+    g = torch.Generator().manual_seed(2)
+    n_in = v.shape[1]
+    w0 = (torch.randn(n_in, n_in, generator=g, dtype=torch.float64) / n_in ** 0.5).to(device, dtype).requires_grad_()
+    params = (w0, w1, w2)
+    biases = (None, b1, b2)
+    acts = (v.activation, v.activation)
+    loss = pyfused.fused_deep_mlp(x, params, biases, acts, target)
+    live = [t for t in (x, w0, w1, b1, w2, b2) if t is not None]
+    act = torch.relu if v.activation == "relu" else torch.sigmoid
+
+    def graph(dt):
+        ts = [t.detach().to(dt).requires_grad_() for t in live]
+        it = iter(ts)
+        xx, ww0, ww1 = next(it), next(it), next(it)
+        bb1 = next(it) if b1 is not None else None
+        ww2 = next(it)
+        bb2 = next(it) if b2 is not None else None
+        out = F.log_softmax(F.linear(act(F.linear(act(F.linear(xx, ww0)), ww1, bb1)), ww2, bb2), dim=-1)
+        return ts, F.nll_loss(out, target)
+
+    ex_in, rl = graph(torch.float64)
+    sm_in, sl = graph(dtype)
+    rows = [dict(check="fused_deep_mlp", **_compare(v.mode, RULES, "loss", loss, rl, sl))]
+    names = ["dx", "dw0", "dw1"] + (["db1"] if b1 is not None else []) + ["dw2"] + (["db2"] if b2 is not None else [])
+    for n, a, b, c in zip(names, torch.autograd.grad(loss, live), torch.autograd.grad(rl, ex_in),
+                          torch.autograd.grad(sl, sm_in)):
+        rows.append(dict(check="fused_deep_mlp", **_compare(v.mode, RULES, n, a, b, c)))
+    return rows
+
+
+def _seq(model, dtype, device):
+    """nn.Sequential with the FusedMLP's parameters (copied) in ``dtype``."""
+    act = torch.nn.ReLU() if model.activation == "relu" else torch.nn.Sigmoid()
+    fc1, fc2 = model.fc1, model.fc2
+    seq = torch.nn.Sequential(torch.nn.Linear(fc1.in_features, fc1.out_features, fc1.bias is not None), act,
+                              torch.nn.Linear(fc2.in_features, fc2.out_features, fc2.bias is not None),
+                              torch.nn.LogSoftmax(dim=-1)).to(device, dtype)
+    with torch.no_grad():
+        for a, b in zip(seq.parameters(), model.parameters()):
+            a.copy_(b)
+    return seq
+
+
+def batches(v: Variant, device, steps, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    rows, n_in, _, out = v.shape
+    for _ in range(steps):
+        t = torch.randint(0, out, (rows,), generator=g)
+        t[::5] = -100
+        yield torch.randn(rows, n_in, generator=g).to(device), t.to(device)
+
+
+def check_training(v: Variant, device, steps=6) -> list[dict]:
+    """FusedSGD on the module path and FusedTrainStep (captured too, on CUDA): ``steps`` momentum-SGD steps
+    against nn.Sequential + torch.optim.SGD in float64 and in the same dtype; losses and final parameters."""
+    dtype = DTYPES[v.mode]
+    _, n_in, hidden, out = v.shape
+    torch.manual_seed(0)
+    base = pyfused.FusedMLP(n_in, hidden, out, v.bias, activation=v.activation).to(device, dtype)
+    data = list(batches(v, device, steps))
+    opts = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+    def eager(dt):
+        seq = _seq(base, dt, device)
+        opt = torch.optim.SGD(seq.parameters(), **opts)
+        losses = []
+        for x, t in data:
+            loss = F.nll_loss(seq(x.to(dt)), t)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        return torch.stack(losses), list(seq.parameters())
+
+    exact_l, exact_p = eager(torch.float64)
+    same_l, same_p = eager(dtype)
+    runs = {}
+    model = copy_model(base)
+    opt = pyfused.FusedSGD(model.parameters(), **opts)
+    losses = []
+    for x, t in data:
+        loss = model.nll_loss(x.to(dtype), t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        losses.append(loss.detach())
+    runs["FusedMLP+FusedSGD"] = (torch.stack(losses), list(model.parameters()))
+    model = copy_model(base)
+    step = pyfused.FusedTrainStep(model, pyfused.FusedSGD(model.parameters(), **opts))
+    runs["FusedTrainStep"] = (torch.stack([step(x.to(dtype), t) for x, t in data]), list(model.parameters()))
+    if device.type == "cuda":
+        model = copy_model(base)
+        step = pyfused.FusedTrainStep(model, pyfused.FusedSGD(model.parameters(), **opts))
+        step.capture(data[0][0].to(dtype), data[0][1])
+        runs["FusedTrainStep captured"] = (torch.stack([step(x.to(dtype), t) for x, t in data]),
+                                           list(model.parameters()))
+    rows = []
+    names = [n for n, _ in base.named_parameters()]
+    for check, (losses, params) in runs.items():
+        rows.append(dict(check=check, **_compare(v.mode, STEP_RULES, f"losses ({steps} steps)", losses, exact_l,
+                                                 same_l)))
+        rows += [dict(check=check, **_compare(v.mode, STEP_RULES, n, a, b, c))
+                 for n, a, b, c in zip(names, params, exact_p, same_p)]
+    return rows
+
+
+def check_engine_steps(v: Variant, device, steps=6) -> list[dict]:
+    """FusedTrainStep of a three-layer logits model with FusedAdam on the MSE and with FusedAdamW (amsgrad) on
+    cross-entropy, ``steps`` steps against nn.Sequential + torch.optim in float64 and in the same dtype: losses,
+    final parameters."""
+    dtype = DTYPES[v.mode]
+    _, n_in, hidden, out = v.shape
+    eps = 1e-8 if dtype.itemsize >= 4 else 1e-3  # 16-bit: a too small eps vanishes in the denominator
+    rows = []
+    for loss, fused_cls, torch_cls, options in (
+            ("mse", pyfused.FusedAdam, torch.optim.Adam, dict(lr=1e-3, weight_decay=1e-2, eps=eps)),
+            ("cross_entropy", pyfused.FusedAdamW, torch.optim.AdamW, dict(lr=1e-3, amsgrad=True, eps=eps))):
+        torch.manual_seed(0)
+        base = pyfused.DeepFusedMLP(n_in, hidden, hidden, out, activation=v.activation, bias=v.bias,
+                                    log_softmax=False).to(device, dtype)
+        g = torch.Generator().manual_seed(7)
+        data = []
+        for _ in range(steps):
+            x = torch.randn(v.shape[0], n_in, generator=g)
+            t = torch.randn(v.shape[0], out, generator=g) if loss == "mse" else \
+                torch.randint(0, out, (v.shape[0],), generator=g)
+            data.append((x.to(device), t.to(device)))
+
+        def eager(dt):
+            layers = []
+            for i, fc in enumerate(base.linears()):
+                layers.append(copy_model(fc).to(dt))
+                if i < 2:
+                    layers.append(torch.nn.ReLU() if v.activation == "relu" else torch.nn.Sigmoid())
+            net = torch.nn.Sequential(*layers)
+            opt = torch_cls(net.parameters(), **options)
+            losses = []
+            for x, t in data:
+                value = (F.mse_loss(net(x.to(dt)), t.to(dt)) if loss == "mse"
+                         else F.cross_entropy(net(x.to(dt)), t))
+                value.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(value.detach())
+            return torch.stack(losses), list(net.parameters())
+
+        exact, same = eager(torch.float64), eager(dtype)
+        model = copy_model(base)
+        step = pyfused.FusedTrainStep(model, fused_cls(model.parameters(), **options), loss=loss)
+        losses = torch.stack([step(x.to(dtype), t.to(dtype) if loss == "mse" else t) for x, t in data])
+        check = f"FusedTrainStep {fused_cls.__name__} {loss}"
+        rows.append(dict(check=check, **_compare(v.mode, STEP_RULES, f"losses ({steps} steps)", losses, exact[0],
+                                                 same[0])))
+        rows += [dict(check=check, **_compare(v.mode, ADAM_RULES, n, a, b, c)) for (n, a), b, c in
+                 zip(model.named_parameters(), exact[1], same[1])]
+    return rows
+
+
+DEEP_MODES = ("fp32", "bf16", "fp16")  # the deeper chain is checked at the first shape in these modes
+ENGINE_MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # the engine's losses and Adam: at the first shape
+
+
+def stage_correctness(report: Report, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    todo = variants(cuda)
+    rows, cut = [], False
+    with kernel_backend(cuda):
+        for v in todo:
+            if report.out_of_time(reserve_s=0.6 * report.budget_s):
+                cut = True
+                break
+            for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps):
+                if check is check_deep and (v.shape != todo[0].shape or v.mode not in DEEP_MODES):
+                    continue
+                if check is check_engine_steps and (v.shape != todo[0].shape or v.mode not in ENGINE_MODES):
+                    continue
+                try:
+                    with with_precision(v.mode):
+                        got = check(v, device)
+                except Exception as error:  # noqa: BLE001  (a crash is a failed check, not a failed run)
+                    traceback.print_exc()
+                    got = [dict(check=check.__name__, output="-", max_error="-", worst_excess="-", ok=False,
+                                error=f"{type(error).__name__}: {' '.join(str(error).split())[:300]}")]
+                rows += [dict(r, variant=v.label()) for r in got]
+            _correctness_report(report, rows, cuda, "running")
+    _correctness_report(report, rows, cuda, "cut short (budget)" if cut else "done")
+
+
+def _correctness_report(report: Report, rows: list[dict], cuda: bool, state: str) -> None:
+    """The correctness section and CSV from the rows so far (rewritten after every variant)."""
+    failed = [r for r in rows if not r["ok"]]
+    by_check = {}
+    for r in rows:
+        n, bad = by_check.get((r["variant"], r["check"]), (0, 0))
+        by_check[(r["variant"], r["check"])] = (n + 1, bad + (not r["ok"]))
+    lines = [f"Tolerances (the tests'): {_rules_text()}. "
+             + ("Kernels on CUDA." if cuda else "Kernels on Triton's interpreter (no CUDA), at small shapes."), ""]
+    lines += table(["variant", "check", "outputs", "failed"],
+                    [[k[0], k[1], n, bad] for k, (n, bad) in by_check.items()])
+    if failed:
+        lines += ["", "Failures:", ""]
+        lines += table(["variant", "check", "output", "max error", "worst excess", "error"],
+                        [[r["variant"], r["check"], r["output"], r["max_error"], r["worst_excess"], r.get("error", "")]
+                         for r in failed[:40]])
+    report.csv["correctness"] = []
+    report.rows("correctness", rows)
+    status = "fail" if failed else {"done": "pass"}.get(state, state)
+    report.set("correctness", status, f"{len(rows) - len(failed)}/{len(rows)} outputs within tolerance over "
+               f"{len({r['variant'] for r in rows})} variants", lines)
+
+
+def _rules_text() -> str:
+    return ("float32 |err| ≤ 1e-4 + 1e-4·|ref| (after steps 1e-5 + 1e-4·|ref|), TF32 2e-2, float64 1e-10, "
+            "bfloat16/float16 |ours − ref64| ≤ 2·|torch same dtype − ref64| + 2e-3 elementwise (Adam's parameters: "
+            "per tensor in norm, + 1e-3)")

@@ -1,0 +1,359 @@
+"""Stages 1 and 3–6 of ``python -m bench.gpu_check``: environment, launches, seed job, timings, registers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+import pyfused
+from bench.gpu_check.common import DTYPES, ROOT, SEED, copy_model, kernel_backend, with_precision
+from bench.gpu_check.correctness import Variant, batches
+from bench.gpu_check.report import Report, nvidia_smi, table
+
+TIMING_BATCHES = (128, 4096, 16384, 65536)
+TIMING_DTYPES = ("fp32", "tf32", "bf16")
+SEED_STEP_IMPLS = ("eager", "compile_default", "compile_reduce_overhead", "eager_cudagraph", "pyfused",
+                   "fused_train_step", "fused_train_step_cudagraph")
+
+def stage_environment(report: Report, device: torch.device) -> None:
+    import numpy
+
+    import triton
+
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+             "numpy": numpy.__version__, "pyfused commit": report.stamp["commit"],
+             "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+             "PYFUSED_BACKEND": os.environ.get("PYFUSED_BACKEND", "auto")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update({"GPU": props.name, "compute capability": f"{props.major}.{props.minor}",
+                      "SMs": props.multi_processor_count, "memory": f"{props.total_memory / 2**30:.1f} GiB",
+                      "L2": f"{getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB",
+                      "CUDA (torch)": torch.version.cuda})
+        smi = nvidia_smi("driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,"
+                          "temperature.gpu,persistence_mode")
+        names = ("driver", "SM clock (MHz)", "max SM clock (MHz)", "memory clock (MHz)", "max memory clock (MHz)",
+                 "power limit (W)", "temperature (C)", "persistence mode")
+        facts.update(dict(zip(names, smi)) if smi else {"nvidia-smi": "not readable"})
+    else:
+        facts["CPU"] = report.stamp["device"]
+        facts["threads"] = torch.get_num_threads()
+    lines = table(["fact", "value"], [[k, v] for k, v in facts.items()])
+    report.rows("environment", [{"fact": k, "value": v} for k, v in facts.items()])
+    report.set("environment", "pass", report.stamp["device"], lines)
+
+
+def _count_launches(fn, calls=3) -> tuple[float, list[str]]:
+    """Launches per call of ``fn`` at pyfused's launcher (after one warm-up call), and their kernel names."""
+    from pyfused.kernels.launch import observe
+
+    fn()
+    seen = []
+    with observe(lambda launched: seen.append(launched.name)):
+        for _ in range(calls):
+            fn()
+    return len(seen) / calls, list(dict.fromkeys(seen))
+
+
+def _profiled_kernels(fn, device, calls=3) -> tuple[float, list[str]]:
+    """CUDA kernels per call of ``fn`` seen by torch.profiler (every kernel, pyfused's or PyTorch's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    names = [e.name for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+             and not e.name.startswith(("Memcpy", "Memset", "cudaMemcpy"))]
+    return len(names) / calls, list(dict.fromkeys(names))
+
+
+def stage_launches(report: Report, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    rows_, n_in, hidden, out = SEED if cuda else (16, 32, 24, 10)
+    v = Variant("fp32", (rows_, n_in, hidden, out), False, "relu")
+    x, t = next(batches(v, device, 1))
+    lines, rows, problems = [], [], []
+    with kernel_backend(cuda):
+        torch.manual_seed(0)
+        model = pyfused.FusedMLP(n_in, hidden, out, bias=False).to(device)
+        step = pyfused.FusedTrainStep(model, pyfused.FusedSGD(model.parameters(), lr=0.15, momentum=0.9))
+        module = copy_model(model)
+        opt = pyfused.FusedSGD(module.parameters(), lr=0.15, momentum=0.9)
+
+        def module_step():
+            module.nll_loss(x, t).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+        deep = pyfused.DeepFusedMLP(n_in, hidden, hidden, out, log_softmax=False).to(device)
+        deep_step = pyfused.FusedTrainStep(deep, pyfused.FusedAdam(deep.parameters()), loss="mse")
+        values = torch.randn(x.shape[0], out, device=device)
+        accumulating = copy_model(deep)
+        acc_step = pyfused.FusedTrainStep(accumulating, pyfused.FusedAdam(accumulating.parameters()),
+                                          accumulation_steps=2, loss="cross_entropy")
+        work = {"FusedTrainStep call": (lambda: step(x, t), 2),
+                "module step (FusedMLP.nll_loss, backward, FusedSGD)": (module_step, 4),
+                "FusedTrainStep call, three layers, Adam, MSE": (lambda: deep_step(x, values), 2),
+                "FusedTrainStep, accumulation_steps=2, Adam: two calls (one update)":
+                    (lambda: (acc_step(x, t), acc_step(x, t)), 5)}
+        for name, (fn, expected) in work.items():
+            per_call, kernels = _count_launches(fn)
+            row = dict(what=name, pyfused_launches=per_call, kernels=" ".join(kernels))
+            if cuda:
+                profiled, names = _profiled_kernels(fn, device)
+                row.update(cuda_kernels=profiled, cuda_kernel_names=" ".join(n[:40] for n in names))
+            rows.append(row)
+            if per_call != expected:
+                problems.append(f"{name}: {per_call:g} launches, not {expected}")
+        if cuda:
+            eager_model, graph_model = copy_model(model), copy_model(model)
+            opts = dict(lr=0.15, momentum=0.9)
+            eager_step = pyfused.FusedTrainStep(eager_model, pyfused.FusedSGD(eager_model.parameters(), **opts))
+            graph_step = pyfused.FusedTrainStep(graph_model, pyfused.FusedSGD(graph_model.parameters(), **opts))
+            graph_step.capture(x, t)
+            data = list(batches(v, device, 5, seed=9))
+            el = [eager_step(a, b) for a, b in data]
+            gl = [graph_step(a, b) for a, b in data]
+            same = all(torch.equal(a, b) for a, b in zip(el, gl)) and all(
+                torch.equal(a, b) for a, b in zip(eager_model.parameters(), graph_model.parameters()))
+            rows.append(dict(what="captured FusedTrainStep replays the eager step (5 steps, losses and parameters "
+                                  "bit for bit)", pyfused_launches="", kernels="yes" if same else "NO"))
+            if not same:
+                problems.append("the captured step does not replay the eager result bit for bit")
+    report.rows("launches", rows)
+    header = ["what", "launches at pyfused's launcher", "kernels"]
+    header += ["CUDA kernels (profiler)", "names"] if cuda else []
+    lines += table(header, [[r["what"], r["pyfused_launches"], r["kernels"]]
+                             + ([r.get("cuda_kernels", ""), r.get("cuda_kernel_names", "")] if cuda else [])
+                             for r in rows])
+    if not cuda:
+        lines += ["", "No CUDA: counted on Triton's interpreter at a small shape; the profiler count and the "
+                  "capture check need CUDA."]
+    report.set("launches", "fail" if problems else "pass", "; ".join(problems) or
+               f"FusedTrainStep {rows[0]['pyfused_launches']:g} launches per call, module step "
+               f"{rows[1]['pyfused_launches']:g}", lines)
+
+
+# ----------------------------------------------------------------------------------------------- 4. seed job
+def stage_seed_job(report: Report, device: torch.device, epochs=2, extra=()) -> None:
+    out = report.out / "seed_job.json"
+    cmd = [sys.executable, "-m", "pyfused.train", "--data", "synthetic", "--epochs", str(epochs), "--device",
+           device.type, "--reference", "--quiet", "--json", str(out), *extra]
+    timeout = max(30.0, report.left_s() - 60)
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        report.set("seed_job", "cut short (budget)", f"no result within {timeout:.0f} s")
+        return
+    command = "python -m pyfused.train " + shlex.join(cmd[3:])
+    if done.returncode != 0 or not out.exists():
+        lines = ["```", (done.stdout + done.stderr)[-3000:], "```"]
+        report.set("seed_job", "fail", f"`{command}` exited {done.returncode}", lines)
+        return
+    result = json.loads(out.read_text())
+    diff, speed = result["max_loss_rel_diff"], result["speedup"]
+    fused, ref = result["pyfused"][-1], result["reference"][-1]
+    report.rows("seed_job", [dict(max_loss_rel_diff=diff, speedup=speed, fused_samples_per_s=fused["samples_per_s"],
+                                  reference_samples_per_s=ref["samples_per_s"], fused_test_acc=fused["test_acc"],
+                                  reference_test_acc=ref["test_acc"], job=command)])
+    lines = [f"`{command}`", "", *table(
+        ["run", "final train loss", "test accuracy", "samples/s (last epoch)"],
+        [["pyfused", f"{fused['train_loss']:.6f}", f"{100 * fused['test_acc']:.2f}%", f"{fused['samples_per_s']:,.0f}"],
+         ["reference (eager)", f"{ref['train_loss']:.6f}", f"{100 * ref['test_acc']:.2f}%",
+          f"{ref['samples_per_s']:,.0f}"]]),
+        "", f"Max relative train-loss difference per epoch {diff:.2e}; speed ratio pyfused/reference {speed:.2f}×."]
+    ok = diff <= 1e-3
+    report.set("seed_job", "pass" if ok else "fail", f"loss agreement {diff:.1e}, {speed:.2f}× the eager loop", lines)
+
+
+# ----------------------------------------------------------------------------------------------- 5. timings
+def _do_bench(fn) -> float:
+    """Median µs of ``fn``: triton's do_bench on CUDA (L2 flushed per call), perf_counter medians on CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def time_seed_step(report: Report, device: torch.device, impls=SEED_STEP_IMPLS, batch=SEED[0], dims=SEED[1:]):
+    """The seed step at ``batch``, every implementation built, gate-checked and timed together (bench.run)."""
+    sys.path.insert(0, str(ROOT))
+    from bench import cases, roofline, run
+
+    cfg = cases.Config("train_step", batch, dims[0], dims[1], dims[2], "fp32", 0.0, False)
+    listed = [i for i in cases.IMPLS if i.name in impls and i.unavailable("train_step", device.type) is None]
+    args = argparse.Namespace(rounds=3, reps=20, budget_s=1.0, retries=0, max_others=1.0, pause_s=0.0)
+    peak = roofline.peak_for(report.stamp["device"]) if device.type == "cuda" else None
+    return run.measure(cfg, listed, device, args, peak, log=lambda *a: None)
+
+
+def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, dtypes=TIMING_DTYPES,
+                  dims=SEED[1:]) -> list[dict]:
+    """Each launch of FusedTrainStep and of the module step alone, and the whole step, at each batch and dtype;
+    the step against its roofline."""
+    from pyfused.kernels.launch import observe
+
+    sys.path.insert(0, str(ROOT))
+    from bench import roofline
+    from bench.cases import precision
+
+    peak = roofline.peak_for(report.stamp["device"]) if device.type == "cuda" else None
+    n_in, hidden, out = dims
+    rows = []
+    for dtype_name in dtypes:
+        for batch in batches:
+            if report.out_of_time(reserve_s=0.25 * report.budget_s):
+                return rows
+            with precision(dtype_name):
+                dtype = DTYPES[dtype_name]
+                torch.manual_seed(0)
+                model = pyfused.FusedMLP(n_in, hidden, out, bias=False).to(device, dtype)
+                g = torch.Generator(device=device).manual_seed(1)
+                x = torch.randn(batch, n_in, device=device, generator=g).to(dtype)
+                t = torch.randint(0, out, (batch,), device=device, generator=g)
+                step = pyfused.FusedTrainStep(model, pyfused.FusedSGD(model.parameters(), lr=1e-4, momentum=0.9))
+                module = copy_model(model)
+                opt = pyfused.FusedSGD(module.parameters(), lr=1e-4, momentum=0.9)
+
+                def module_step():
+                    module.nll_loss(x, t).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=False)
+
+                for what, fn in (("FusedTrainStep", lambda: step(x, t)), ("module step", module_step)):
+                    fn()
+                    launched = []
+                    with observe(launched.append):
+                        fn()
+                    for i, one in enumerate(launched):
+                        rows.append(dict(what=f"{what} launch {i + 1}: {one.name}", batch=batch, dtype=dtype_name,
+                                         grid=one.grid[0], median_us=f"{_do_bench(one.again):.2f}"))
+                    step_us = _do_bench(fn)
+                    elem = torch.finfo(dtype).bits // 8
+                    flops, nbytes = roofline.work("train_step", batch, n_in, hidden, out, False, elem, 0.9)
+                    bound = peak.bound_s(flops, nbytes, dtype_name) * 1e6 if peak else None
+                    rows.append(dict(what=f"{what} (whole call)", batch=batch, dtype=dtype_name, grid="",
+                                     median_us=f"{step_us:.2f}", roofline_us=f"{bound:.2f}" if bound else "n/a",
+                                     x_roofline=f"{step_us / bound:.1f}" if bound else "n/a"))
+                if device.type == "cuda":
+                    step.capture(x, t)
+                    captured = _do_bench(lambda: step(x, t))
+                    rows.append(dict(what="FusedTrainStep captured (whole call)", batch=batch, dtype=dtype_name,
+                                     grid="", median_us=f"{captured:.2f}",
+                                     roofline_us=f"{bound:.2f}" if bound else "n/a",
+                                     x_roofline=f"{captured / bound:.1f}" if bound else "n/a"))
+    return rows
+
+
+def stage_timings(report: Report, device: torch.device, **sizes) -> None:
+    lines, status = [], "pass"
+    seed_rows = time_seed_step(report, device, **sizes.get("seed", {}))
+    report.rows("timings_seed_step", seed_rows)
+    lines += ["Seed step (B = 128, 784 → 128 → 10, fp32 IEEE, no bias, SGD momentum 0), `do_bench` medians:", ""]
+    lines += table(["implementation", "median µs", "× eager", "setup s", "status"],
+                    [[r["impl"], r["median_us"], r["speedup_vs_eager"], r["setup_s"], r["status"]] for r in seed_rows])
+    if any(r["status"] != "ok" and r["impl"].startswith(("pyfused", "fused")) for r in seed_rows):
+        status = "fail"
+    report.set("timings", "running", "seed step timed", lines)
+    launch_rows = time_launches(report, device, **sizes.get("launches", {}))
+    report.rows("timings_launches", launch_rows)
+    lines += ["", "Each pyfused launch alone and the whole step (784 → 128 → 10, no bias, momentum 0.9), `do_bench`"
+              " medians; roofline = max(compulsory bytes / HBM bandwidth, FLOPs / dense peak) (bench/roofline.py):",
+              ""]
+    lines += table(["what", "B", "dtype", "grid", "median µs", "roofline µs", "× roofline"],
+                    [[r["what"], r["batch"], r["dtype"], r["grid"], r["median_us"], r.get("roofline_us", ""),
+                      r.get("x_roofline", "")] for r in launch_rows])
+    expected = len(sizes.get("launches", {}).get("batches", TIMING_BATCHES)) * len(
+        sizes.get("launches", {}).get("dtypes", TIMING_DTYPES))
+    done = len({(r["batch"], r["dtype"]) for r in launch_rows})
+    if done < expected and status == "pass":
+        status = "cut short (budget)"
+    best = next((r for r in seed_rows if r["impl"] == "fused_train_step_cudagraph" and r["median_us"]), None) or \
+        next((r for r in seed_rows if r["impl"] == "fused_train_step" and r["median_us"]), None)
+    summary = f"seed step {best['impl']} {best['median_us']} µs ({best['speedup_vs_eager']}× eager)" if best else \
+        "no pyfused seed-step time"
+    report.set("timings", status, summary + f"; {done}/{expected} (B, dtype) points of the sweep", lines)
+
+
+# ----------------------------------------------------------------------------------------------- 6. registers
+def committed_report(arch: str) -> dict:
+    """(kernel label, mode, bias) → (regs, spill text) from the committed ``bench/results/compile/<arch>.md``."""
+    path = ROOT / "bench" / "results" / "compile" / f"{arch}.md"
+    if not path.exists():
+        return {}
+    table, found = {}, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## Seed shape"):
+            found = True
+            continue
+        if found and line.startswith("## "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if found and len(cells) >= 7 and cells[0] not in ("kernel", "---"):
+            table[(cells[0], cells[1], cells[2])] = (cells[5], cells[6].replace("*", ""))
+    return table
+
+
+def stage_registers(report: Report, device: torch.device) -> None:
+    import importlib
+
+    from bench import gpu_compile as gc
+    from pyfused.kernels.launch import observe
+
+    props = torch.cuda.get_device_properties(device)
+    arch = f"sm_{props.major}{props.minor}"
+    arch = arch if arch in gc.ARCHS else "sm_90" if props.major >= 9 else "sm_80"
+    committed = committed_report(arch)
+    rows, spilled = [], []
+    for case in gc.seed_cases(gc.SEED_KERNELS, (arch,)):
+        if case.mode not in ("fp32", "tf32", "bf16") or case.bias or case.activation != "relu":
+            continue
+        if report.out_of_time(reserve_s=5):
+            break
+        module_name, _, _ = gc.ALL_KERNELS[case.kernel]
+        module = importlib.import_module(f"pyfused.kernels.{module_name}")
+        seen = []
+        try:
+            with with_precision(case.mode), observe(seen.append):
+                gc._call_launcher(case, module, device)
+            torch.cuda.synchronize(device)
+            compiled = seen[-1].compiled
+            regs, spills = getattr(compiled, "n_regs", "?"), getattr(compiled, "n_spills", "?")
+        except Exception as error:  # noqa: BLE001
+            regs, spills = "error", f"{type(error).__name__}: {str(error)[:120]}"
+        label = case.kernel
+        want = committed.get((label, case.mode, "no"), ("?", "?"))
+        rows.append(dict(kernel=label, mode=case.mode, driver_regs=regs, driver_spills=spills,
+                         committed_regs=want[0], committed_spill=want[1],
+                         same_regs="yes" if str(regs) == want[0] else "no"))
+        if isinstance(spills, int) and spills:
+            spilled.append(f"{label} {case.mode}")
+    report.rows("registers", rows)
+    lines = [f"Kernels of a seed step (no bias, relu) compiled by this machine's Triton/driver for {arch}, against "
+             f"the committed `bench/results/compile/{arch}.md` (bundled ptxas). Spills are bytes reported by the "
+             "driver's compile.", ""]
+    lines += table(["kernel", "mode", "regs (driver)", "spills (driver)", "regs (committed)", "spill (committed)",
+                     "same regs"], [[r[k] for k in ("kernel", "mode", "driver_regs", "driver_spills", "committed_regs",
+                                                    "committed_spill", "same_regs")] for r in rows])
+    same = sum(r["same_regs"] == "yes" for r in rows)
+    report.set("registers", "fail" if spilled else "pass",
+               (f"spills in {', '.join(spilled)}; " if spilled else "no spills; ")
+               + f"{same}/{len(rows)} register counts as committed", lines)
+
+
