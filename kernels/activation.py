@@ -4,6 +4,7 @@
 Forward, from the pre-activation ``a`` (fp32 accumulator): ``relu(a) = max(a, 0)``, ``sigmoid(a) = 1 / (1 + e^−a)``.
 Backward, from the activation's *output* ``h`` (what the forward saves, so no pre-activation is kept) and the
 incoming gradient ``g``: relu ``g ⊙ [h > 0]``; sigmoid ``g ⊙ (1 − h) ⊙ h`` (PyTorch's ``sigmoid_backward``).
+NaN and ±Inf propagate as in PyTorch's relu, sigmoid and their backward ops.
 """
 import triton
 import triton.language as tl
@@ -14,8 +15,8 @@ def activate(a, ACTIVATION: tl.constexpr):
     """The activation of the fp32 pre-activation tile ``a``."""
     if ACTIVATION == "sigmoid":
         h = tl.sigmoid(a)
-    else:
-        h = tl.maximum(a, 0.0)
+    else:  # not tl.maximum, which returns 0 for NaN: relu(NaN) is NaN and relu(−0) is −0, as in PyTorch
+        h = tl.where(a < 0, 0.0, a)
     return h
 
 
@@ -25,6 +26,6 @@ def activation_grad(g, h, ACTIVATION: tl.constexpr):
     if ACTIVATION == "sigmoid":
         hf = h.to(g.dtype)
         d = g * (1.0 - hf) * hf
-    else:
-        d = tl.where(h > 0, g, 0.0)
+    else:  # PyTorch's threshold_backward: 0 where h <= 0, g elsewhere (NaN h included)
+        d = tl.where(h <= 0, 0.0, g)
     return d

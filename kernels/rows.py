@@ -100,7 +100,8 @@ def rows_kernel(
             acc = linear_slice(src, s_row, s_col, ws[last - 1], w_strides[2 * last - 2], w_strides[2 * last - 1],
                                bs[last - 1], rows, row_mask, hs, h_mask, widths[last - 1], HAS_BIAS[last - 1], ACC,
                                BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
-            h = activate(acc, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype)
+            # the padding columns are 0, not act(inf·0): a NaN there would reach every logit of its row
+            h = tl.where(h_mask[None, :], activate(acc, tl.constexpr(ACTIVATIONS[last - 1])), 0.0).to(dtype)
             if STORE_LAST:
                 tl.store(acts[last - 1] + rows[:, None] * n_last + hs[None, :], h,
                          mask=row_mask[:, None] & h_mask[None, :])
@@ -182,7 +183,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
       fp32 at 32 rows spills), K steps of 32, hidden slices of up to 64 with a w_L tile of at most 4096 elements,
-      4 warps (8 past 256 outputs), 3 stages;
+      4 warps (8 past 256 outputs), 3 stages for 16-bit dtypes, 2 for fp32 and fp64 (3 spill 4–12 B on sm_90 in
+      fp32 since the last hidden slice's padding columns are zeroed for NaN safety);
     - forward and backward (the train step): hidden slices of up to 128 (one at the seed shape), K steps of 16
       (32 with more than one hidden layer), 8 warps (16 past 256 outputs): 4 warps spill in fp32 IEEE;
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
@@ -201,9 +203,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
-        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
+        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if fp64 else 32), BLOCK_H=block_h,
-                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=2 if fp64 else 3)
+                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=3 if dtype.itemsize == 2 else 2)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
                 num_warps=8 if wide else 4, num_stages=2)
 

@@ -17,9 +17,34 @@ from pyfused import backend, checks
 from pyfused.engines import Spec
 
 
+DOUBLE_BACKWARD = (
+    "pyfused's fused backward is not differentiable: double backward (create_graph=True, or a gradient of a "
+    "gradient) is not supported; compute higher-order gradients through the unfused model (pyfused.unfuse(model), "
+    "or an nn.Sequential of the same nn.Linear layers)")
+
+
+def _wrapped(*tensors) -> bool:
+    """Whether a torch.func transform (grad, vmap, …) wraps any of ``tensors``: such calls go through the
+    autograd Functions, whose setup_context and vmap rules the transforms use (the engines take plain tensors)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _vmap_by_slices(function, info, in_dims, args):
+    """A vmap rule: ``function.apply`` on each slice of the batched arguments, the outputs stacked at dim 0 (one
+    fused call per slice, so batched weights — an ensemble — work too)."""
+    outs = []
+    for b in range(info.batch_size):
+        sliced = [a.select(d, b) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
+        outs.append(function.apply(*sliced))
+    stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs))
+    return stacked, tuple(None if t is None else 0 for t in stacked)
+
+
 class FusedFunction(torch.autograd.Function):
     """``engine.forward`` / ``engine.backward`` for 2-D x; ``params`` are (w_1, b_1, …, w_L, b_L). Outputs are
-    the result, then the saved tensors (non-differentiable), so that torch.func can trace it (setup_context)."""
+    the result, then the saved tensors (non-differentiable), so that torch.func can trace it (setup_context).
+    Under vmap, a batched x (and target) with unbatched parameters and a row-wise result is folded into the rows
+    (one call); anything else runs slice by slice."""
 
     @staticmethod
     def forward(x, target, spec, *params):
@@ -41,9 +66,53 @@ class FusedFunction(torch.autograd.Function):
         x, target, *rest = ctx.saved_tensors
         n_layers = len(ctx.spec.has_bias)
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        grads = backend.engine(x.device, x.dtype).backward(x, rest[:n_layers], target, rest[n_layers:], dout,
-                                                          ctx.spec, needs)
+        weights, saved = rest[:n_layers], rest[n_layers:]
+        if torch.is_grad_enabled():  # create_graph=True (torch.func.grad too): a node that refuses differentiation
+            grads = FusedBackward.apply(x, target, ctx.spec, needs, dout, n_layers, *weights, *saved)
+        else:
+            grads = backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, ctx.spec, needs)
         return (grads[0], None, None, *grads[1:])
+
+    @staticmethod
+    def vmap(info, in_dims, x, target, spec, *params):
+        x_dim, target_dim = in_dims[0], in_dims[1]
+        row_wise = spec.kind == "none" or spec.reduction == "none"
+        if not row_wise or any(isinstance(d, int) for d in in_dims[3:]) or x_dim is None:
+            return _vmap_by_slices(FusedFunction, info, in_dims, (x, target, spec, *params))
+        x = x.movedim(x_dim, 0)
+        batch, n_rows = x.shape[0], x.shape[1]
+        x = x.reshape(batch * n_rows, x.shape[-1])
+        if target is not None:
+            target = target.expand(batch, *target.shape) if target_dim is None else target.movedim(target_dim, 0)
+            target = target.reshape(batch * n_rows, *target.shape[2:])
+        out, *saved = FusedFunction.apply(x, target, spec, *params)
+        outs = [out.view(batch, n_rows, *out.shape[1:])]
+        for t in saved:  # row tensors, and the empty placeholders of the result-free slots
+            outs.append(t.view(batch, n_rows, *t.shape[1:]) if t.dim() and t.shape[0] == batch * n_rows
+                        else t.expand(batch, *t.shape))
+        return tuple(outs), (0,) * len(outs)
+
+
+class FusedBackward(torch.autograd.Function):
+    """``engine.backward`` as a graph node, for backward passes that record a graph (``create_graph=True``,
+    torch.func.grad): its own backward raises :data:`DOUBLE_BACKWARD`."""
+
+    @staticmethod
+    def forward(x, target, spec, needs, dout, n_layers, *tensors):
+        weights, saved = tensors[:n_layers], tensors[n_layers:]
+        return backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, spec, needs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_slices(FusedBackward, info, in_dims, args)
 
 
 def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, reduction="mean",
@@ -60,8 +129,9 @@ def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", t
         from pyfused import custom_ops
 
         out = custom_ops.call(flat, flat_target, weights, biases, spec)
-    elif torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in (*weights, *biases))):
+    elif (torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in (*weights, *biases)))) or _wrapped(x, target, *weights,
+                                                                                       *biases):
         params = [t for pair in zip(weights, biases) for t in pair]
         out = FusedFunction.apply(flat, flat_target, spec, *params)[0]
     else:  # inference: the forward alone, nothing kept (a Function's needs_input_grad ignores no_grad)
