@@ -15,8 +15,8 @@ def activate(a, ACTIVATION: tl.constexpr):
     """The activation of the fp32 pre-activation tile ``a``."""
     if ACTIVATION == "sigmoid":
         h = tl.sigmoid(a)
-    else:  # not tl.maximum, which returns 0 for NaN: relu(NaN) is NaN and relu(−0) is −0, as in PyTorch
-        h = tl.where(a < 0, 0.0, a)
+    else:  # NaN-propagating max (plain tl.maximum returns 0 for NaN): relu(NaN) is NaN, as in PyTorch
+        h = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return h
 
 

@@ -48,7 +48,7 @@ def rows_kernel(
     acts,  # L − 1 hidden activations (B, n_i), contiguous: written by FORWARD, read by BACKWARD
     dpres,  # L − 1 pre-activation gradients of the hidden layers (B, n_i), contiguous (BACKWARD)
     widths,  # L + 1 feature counts n_0 … n_L
-    out_ptr,  # (B, n_L) contiguous, log-probabilities or logits (STORE_OUT)
+    out_ptr,  # (B, n_L) contiguous, log-probabilities or logits (STORE_OUT); x's dtype or float32 (autocast)
     target_ptr, stride_t_row, stride_t_col,  # LOSS "class": (B,) integer classes; "mse": (B, n_L) floats
     ignore_index,
     loss_ptr,  # LOSS_OUT: (B,) nll per row ("class"), (B, n_L) squared errors ("mse"); float32 (float64)
@@ -63,6 +63,7 @@ def rows_kernel(
     FORWARD: tl.constexpr, STORE_LAST: tl.constexpr, STORE_OUT: tl.constexpr, LOSS_OUT: tl.constexpr,
     STATS: tl.constexpr, STORE_DZ: tl.constexpr, BACKWARD: tl.constexpr, GRAD_IN: tl.constexpr,
     LOWEST: tl.constexpr,  # BACKWARD makes the gradients of hidden layers LOWEST … L − 2 (0-based)
+    RAGGED_LAST: tl.constexpr,  # the last hidden width is not a multiple of BLOCK_H (padding columns to zero)
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -79,6 +80,7 @@ def rows_kernel(
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_offs = rows[:, None] * n_out + cols[None, :]
     dtype = x_ptr.dtype.element_ty
+    out_dtype = out_ptr.dtype.element_ty
     if FORWARD:
         for i in tl.static_range(N_LAYERS - 2):  # hidden layers before the last: stored, read back by the next
             src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
@@ -100,8 +102,10 @@ def rows_kernel(
             acc = linear_slice(src, s_row, s_col, ws[last - 1], w_strides[2 * last - 2], w_strides[2 * last - 1],
                                bs[last - 1], rows, row_mask, hs, h_mask, widths[last - 1], HAS_BIAS[last - 1], ACC,
                                BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
-            # the padding columns are 0, not act(inf·0): a NaN there would reach every logit of its row
-            h = tl.where(h_mask[None, :], activate(acc, tl.constexpr(ACTIVATIONS[last - 1])), 0.0).to(dtype)
+            h = activate(acc, tl.constexpr(ACTIVATIONS[last - 1]))
+            if RAGGED_LAST:  # padding columns: 0, not act(inf·0), a NaN that would reach every logit of its row
+                h = tl.where(h_mask[None, :], h, 0.0)
+            h = h.to(dtype)
             if STORE_LAST:
                 tl.store(acts[last - 1] + rows[:, None] * n_last + hs[None, :], h,
                          mask=row_mask[:, None] & h_mask[None, :])
@@ -115,7 +119,7 @@ def rows_kernel(
                         other=0.0).to(ACC)
             value, dz = squared_error(z, t, out_mask)
             if STORE_OUT:
-                tl.store(out_ptr + out_offs, z.to(dtype), mask=out_mask)
+                tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
             if LOSS_OUT:
                 tl.store(loss_ptr + out_offs, value.to(loss_ptr.dtype.element_ty), mask=out_mask)
             if STATS:
@@ -124,7 +128,7 @@ def rows_kernel(
         elif LOSS == "class" or HEAD == "log_softmax":
             y, p = log_softmax_rows(z, col_mask)
             if STORE_OUT:
-                tl.store(out_ptr + out_offs, (y if HEAD == "log_softmax" else z).to(dtype), mask=out_mask)
+                tl.store(out_ptr + out_offs, (y if HEAD == "log_softmax" else z).to(out_dtype), mask=out_mask)
             if LOSS == "class":
                 t, keep = load_class_target(target_ptr, stride_t_row, rows, row_mask, ignore_index)
                 value, dz = class_loss(y, p, t, keep, cols, n_out)
@@ -134,7 +138,7 @@ def rows_kernel(
                     tl.store(stats_ptr + 2 * pid, tl.sum(value, axis=0))
                     tl.store(stats_ptr + 2 * pid + 1, tl.sum(keep.to(ACC), axis=0))
         elif STORE_OUT:  # logits, no loss
-            tl.store(out_ptr + out_offs, z.to(dtype), mask=out_mask)
+            tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
     else:  # a module's backward: dz from the incoming gradient
         g = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=out_mask,
                     other=0.0).to(ACC)
@@ -183,8 +187,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
       fp32 at 32 rows spills), K steps of 32, hidden slices of up to 64 with a w_L tile of at most 4096 elements,
-      4 warps (8 past 256 outputs), 3 stages for 16-bit dtypes, 2 for fp32 and fp64 (3 spill 4–12 B on sm_90 in
-      fp32 since the last hidden slice's padding columns are zeroed for NaN safety);
+      4 warps (8 past 256 outputs), 3 stages (2 for fp64);
     - forward and backward (the train step): hidden slices of up to 128 (one at the seed shape), K steps of 16
       (32 with more than one hidden layer), 8 warps (16 past 256 outputs): 4 warps spill in fp32 IEEE;
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
@@ -203,9 +206,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
-        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16
+        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if fp64 else 32), BLOCK_H=block_h,
-                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=3 if dtype.itemsize == 2 else 2)
+                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=2 if fp64 else 3)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
                 num_warps=8 if wide else 4, num_stages=2)
 
@@ -262,5 +265,6 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
            N_LAYERS=len(weights), HAS_BIAS=tuple(b is not None for b in biases), ACTIVATIONS=tuple(activations),
            HEAD=head, LOSS=loss, FORWARD=forward, STORE_LAST=store_last, STORE_OUT=out is not None,
            LOSS_OUT=loss_out is not None, STATS=stats is not None, STORE_DZ=dz is not None, BACKWARD=backward,
-           GRAD_IN=grad_in or "none", LOWEST=lowest, ACC=acc_dtype(x.dtype),
+           GRAD_IN=grad_in or "none", LOWEST=lowest, RAGGED_LAST=widths[-2] % cfg["BLOCK_H"] != 0,
+           ACC=acc_dtype(x.dtype),
            PRECISION=dot_precision(x.dtype, x.device), **cfg)

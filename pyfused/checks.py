@@ -42,9 +42,18 @@ def check_mlp(x, w1, b1, w2, b2) -> None:
     check_layers(x, (w1, w2), (b1, b2))
 
 
-def check_layers(x, weights, biases) -> None:
+def autocast_cast(t, amp):
+    """The dtype autocast to ``amp`` gives ``t`` for F.linear (``amp`` None: autocast off): floating-point tensors
+    but float64 take ``amp``."""
+    if amp is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return amp
+
+
+def check_layers(x, weights, biases, amp=None) -> None:
     """Check a chain of layers: x (*, in) floating; weights w1..wL in nn.Linear layout, each taking the previous
-    one's output; biases b1..bL of shape (out_i,) or None; one dtype and one device for all."""
+    one's output; biases b1..bL of shape (out_i,) or None; one dtype and one device for all (the dtypes autocast to
+    ``amp`` makes of them, under autocast)."""
     names = [f"w{i}" for i in range(1, len(weights) + 1)]
     _tensor("x", x)
     for name, w in zip(names, weights):
@@ -71,8 +80,10 @@ def check_layers(x, weights, biases) -> None:
         for name, t in ((f"w{i}", w), (f"b{i}", b)):
             if t is None:
                 continue
-            if t.dtype != x.dtype:
-                raise DTypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+            if autocast_cast(t, amp) != autocast_cast(x, amp):
+                after = " under autocast" if amp is not None else ""
+                raise DTypeError(f"{name} must have x's dtype{after} {autocast_cast(x, amp)}, got "
+                                 f"{autocast_cast(t, amp)}")
             if t.device != x.device:
                 raise DeviceError(f"{name} must be on x's device {x.device}, got {t.device}")
 
@@ -92,13 +103,14 @@ def check_target(x, target, n_out, reduction, ignore_index) -> None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def check_mse_target(x, target, n_out, reduction) -> None:
-    """Check F.mse_loss's target: floating point, x's dtype and device, the logits' shape (x.shape[:-1] + (out,))."""
+def check_mse_target(x, target, n_out, reduction, amp=None) -> None:
+    """Check F.mse_loss's target: floating point, x's dtype (any floating dtype under autocast, which computes
+    mse_loss in float32) and device, the logits' shape (x.shape[:-1] + (out,))."""
     _tensor("target", target)
     expected = (*x.shape[:-1], n_out)
     if not target.is_floating_point():
         raise DTypeError(f"target must be a floating-point tensor like the logits, got {target.dtype}")
-    if target.dtype != x.dtype:
+    if target.dtype != x.dtype and amp is None:
         raise DTypeError(f"target must have x's dtype {x.dtype}, got {target.dtype}")
     if tuple(target.shape) != expected:
         raise ShapeError(f"target must have the logits' shape {expected}, got {tuple(target.shape)}")

@@ -25,7 +25,9 @@ from pyfused import checks, torch_ops
 
 class Spec(NamedTuple):
     """What a fused call computes: one activation per hidden layer, a bias flag per layer, the head
-    ("log_softmax" or "logits"), the loss ("none", "nll", "cross_entropy", "mse"), its reduction and ignore_index."""
+    ("log_softmax" or "logits"), the loss ("none", "nll", "cross_entropy", "mse"), its reduction and ignore_index;
+    ``out_dtype``: the result's dtype where it is not x's (under autocast: a float32 log_softmax or loss of
+    16-bit layers; the kernels only)."""
 
     activations: tuple
     has_bias: tuple
@@ -33,6 +35,7 @@ class Spec(NamedTuple):
     loss: str = "none"
     reduction: str = "mean"
     ignore_index: int = -100
+    out_dtype: torch.dtype | None = None
 
     @property
     def kind(self) -> str:
@@ -78,7 +81,7 @@ class KernelEngine:
         kind, empty = spec.kind, x.new_empty(0)
         out = loss_out = stats = dz = None
         if kind == "none":
-            out = new(n_rows, n_out)
+            out = new(n_rows, n_out, dtype=spec.out_dtype or x.dtype)
         elif spec.reduction == "none":
             loss_out = new(*((n_rows,) if kind == "class" else (n_rows, n_out)), dtype=_float(x.dtype))
         else:
@@ -104,7 +107,7 @@ class KernelEngine:
             else:
                 value = total / (n_rows * n_out)
         saved = (*acts, x.new_empty(0) if kind == "none" else dz, count) if keep else ()  # no output twice
-        return value.to(x.dtype), saved
+        return value.to(spec.out_dtype or x.dtype), saved
 
     def backward(self, x, weights, target, saved, dout, spec: Spec, needs):
         n_layers = len(weights)

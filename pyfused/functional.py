@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pyfused import backend, checks
+from pyfused import backend, checks, torch_ops
 from pyfused.engines import Spec
 
 
@@ -115,20 +115,56 @@ class FusedBackward(torch.autograd.Function):
         return _vmap_by_slices(FusedBackward, info, in_dims, args)
 
 
+def autocast_dtype(x):
+    """The dtype ``torch.autocast`` gives F.linear on x's device type, None when autocast is off there."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_out_dtype(device_type, amp, head, loss):
+    """The dtype of the unfused graph's result under autocast to ``amp``: the losses (nll_loss, cross_entropy,
+    mse_loss) are on autocast's float32 list on CPU and CUDA; log_softmax is on CUDA's only (amp on CPU); logits are
+    a linear layer's output (amp)."""
+    if loss != "none" or (head == "log_softmax" and device_type != "cpu"):
+        return torch.float32
+    return amp
+
+
+def _cast(t, amp):
+    """``t`` as autocast casts it for F.linear (:func:`pyfused.checks.autocast_cast`)."""
+    return t if t is None or checks.autocast_cast(t, amp) == t.dtype else t.to(amp)
+
+
 def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, reduction="mean",
           ignore_index=-100):
     """The fused MLP on validated arguments: the head's output ``(*, out)`` without a loss, else the loss
-    (reduced, or of target's shape for "none", or of the logits' shape for MSE "none")."""
-    spec = Spec(tuple(activations), tuple(b is not None for b in biases), head, loss, reduction, ignore_index)
-    n_out = weights[-1].shape[0]
+    (reduced, or of target's shape for "none", or of the logits' shape for MSE "none").
+
+    Under ``torch.autocast``, x, the weights and the biases are cast as F.linear's autocast casts them (a graph
+    node: the gradients reach the float32 parameters in float32), the layers run in the autocast dtype and the
+    result has the dtype autocast gives the unfused graph's head or loss (:func:`autocast_out_dtype`); the torch
+    path runs eager's own graph under autocast (:func:`pyfused.torch_ops.eager_mlp`)."""
+    amp = autocast_dtype(x)
+    out_dtype = None
+    if amp is not None:
+        x, weights, biases = _cast(x, amp), [_cast(w, amp) for w in weights], [_cast(b, amp) for b in biases]
+        out_dtype = autocast_out_dtype(x.device.type, amp, head, loss)
+        if not backend.use_triton(x.device, x.dtype):
+            return _shaped(torch_ops.eager_mlp(x.reshape(-1, x.shape[-1]), weights, biases, activations, head, loss,
+                                               _flat_target(target, loss, weights), reduction, ignore_index),
+                           x, target, loss, reduction, weights[-1].shape[0])
+        out_dtype = None if out_dtype == x.dtype or x.dtype != amp else out_dtype  # float64 stays float64
+    spec = Spec(tuple(activations), tuple(b is not None for b in biases), head, loss, reduction, ignore_index,
+                out_dtype)
     flat = x.reshape(-1, x.shape[-1])
-    flat_target = None
-    if target is not None:
-        flat_target = target.reshape(-1) if spec.kind == "class" else target.reshape(-1, n_out)
+    flat_target = _flat_target(target, loss, weights)
     if torch.compiler.is_compiling():
         from pyfused import custom_ops
 
         out = custom_ops.call(flat, flat_target, weights, biases, spec)
+        out = out if out_dtype is None else out.to(out_dtype)
     elif (torch.is_grad_enabled() and (x.requires_grad or any(
             t is not None and t.requires_grad for t in (*weights, *biases)))) or _wrapped(x, target, *weights,
                                                                                        *biases):
@@ -136,20 +172,30 @@ def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", t
         out = FusedFunction.apply(flat, flat_target, spec, *params)[0]
     else:  # inference: the forward alone, nothing kept (a Function's needs_input_grad ignores no_grad)
         out = backend.engine(x.device, x.dtype).forward(flat, weights, biases, flat_target, spec, False)[0]
+    return _shaped(out, x, target, loss, reduction, weights[-1].shape[0])
+
+
+def _flat_target(target, loss, weights):
+    if target is None:
+        return None
+    return target.reshape(-1, weights[-1].shape[0]) if loss == "mse" else target.reshape(-1)
+
+
+def _shaped(out, x, target, loss, reduction, n_out):
     if loss == "none":
         return out.view(*x.shape[:-1], n_out)
     return out.view(target.shape) if reduction == "none" else out
 
 
 def _check_net(x, weights, biases, activations) -> None:
-    checks.check_layers(x, weights, biases)
+    checks.check_layers(x, weights, biases, autocast_dtype(x))
     for activation in activations:
         checks.check_activation(activation)
 
 
 def _check_loss(x, weights, loss, target, reduction, ignore_index) -> None:
     if loss == "mse":
-        checks.check_mse_target(x, target, weights[-1].shape[0], reduction)
+        checks.check_mse_target(x, target, weights[-1].shape[0], reduction, autocast_dtype(x))
     else:
         checks.check_target(x, target, weights[-1].shape[0], reduction, ignore_index)
 
@@ -188,7 +234,7 @@ def fused_mlp_mse(x, w1, b1, w2, b2, target, reduction="mean", activation="relu"
     """``F.mse_loss(fused_mlp(x, ..., log_softmax=False), target, reduction=...)``, fused: ``target`` is a float
     tensor of the logits' shape (*, out); "mean" divides by its number of elements, "none" returns its shape."""
     _check_net(x, (w1, w2), (b1, b2), (activation,))
-    checks.check_mse_target(x, target, w2.shape[0], reduction)
+    checks.check_mse_target(x, target, w2.shape[0], reduction, autocast_dtype(x))
     return fused(x, (w1, w2), (b1, b2), (activation,), head="logits", loss="mse", target=target, reduction=reduction)
 
 

@@ -21,9 +21,27 @@ kernel building block                  twin here
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _aten = torch.ops.aten
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # ATen's
+
+
+def eager_mlp(x, weights, biases, activations, head, loss, target, reduction, ignore_index):
+    """The unfused graph with torch.nn.functional, differentiable: the torch path under ``torch.autocast``, where
+    autocast's casts decide every dtype as they do for the nn.Linear model."""
+    a = x
+    for w, b, activation in zip(weights[:-1], biases[:-1], activations):
+        a = F.linear(a, w, b)
+        a = F.relu(a) if activation == "relu" else torch.sigmoid(a)
+    z = F.linear(a, weights[-1], biases[-1])
+    if loss == "mse":
+        return F.mse_loss(z, target, reduction=reduction)
+    y = F.log_softmax(z, -1) if head == "log_softmax" else z
+    if loss == "none":
+        return y
+    fn = F.nll_loss if loss == "nll" else F.cross_entropy
+    return fn(y, target, reduction=reduction, ignore_index=ignore_index)
 
 
 def linear(a, w, b, out=None):
