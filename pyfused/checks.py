@@ -50,10 +50,30 @@ def autocast_cast(t, amp):
     return amp
 
 
+def _layers_ok(x, weights, biases, amp) -> bool:
+    """:func:`check_layers`'s happy path in one pass (a few µs less per call); False sends it to the checks that
+    name the first mistake."""
+    tensor = torch.Tensor
+    if not isinstance(x, tensor) or not x.is_floating_point() or x.dim() == 0:
+        return False
+    dtype, device, n = autocast_cast(x, amp), x.device, x.shape[-1]
+    for w, b in zip(weights, biases):
+        if (not isinstance(w, tensor) or w.dim() != 2 or w.shape[1] != n or w.device != device
+                or (w.dtype if amp is None else autocast_cast(w, amp)) != dtype):
+            return False
+        n = w.shape[0]
+        if b is not None and (not isinstance(b, tensor) or b.dim() != 1 or b.shape[0] != n or b.device != device
+                              or (b.dtype if amp is None else autocast_cast(b, amp)) != dtype):
+            return False
+    return True
+
+
 def check_layers(x, weights, biases, amp=None) -> None:
     """Check a chain of layers: x (*, in) floating; weights w1..wL in nn.Linear layout, each taking the previous
     one's output; biases b1..bL of shape (out_i,) or None; one dtype and one device for all (the dtypes autocast to
     ``amp`` makes of them, under autocast)."""
+    if _layers_ok(x, weights, biases, amp):
+        return
     names = [f"w{i}" for i in range(1, len(weights) + 1)]
     _tensor("x", x)
     for name, w in zip(names, weights):

@@ -142,8 +142,6 @@ class TorchEngine:
     """The pure-torch twins (:mod:`pyfused.torch_ops`): eager's own ATen ops, in eager's order."""
 
     def forward(self, x, weights, biases, target, spec: Spec, keep: bool):
-        if spec.kind == "class":
-            checks.check_target_range(target, weights[-1].shape[0], spec.ignore_index)
         acts, a = [], x
         for w, b, act in zip(weights[:-1], biases[:-1], spec.activations):
             a = torch_ops.linear_act(a, w, b, act)
@@ -154,7 +152,11 @@ class TorchEngine:
             value, g = torch_ops.log_softmax(z) if spec.head == "log_softmax" else z, x.new_empty(0)
         elif kind == "class":
             g = torch_ops.log_softmax(z)
-            value, total = torch_ops.class_loss(g, target.long(), spec.reduction, spec.ignore_index)
+            try:  # ATen checks the range (free here); the IndexError then names the target as the kernels' does
+                value, total = torch_ops.class_loss(g, target.long(), spec.reduction, spec.ignore_index)
+            except IndexError:
+                checks.check_target_range(target, weights[-1].shape[0], spec.ignore_index)
+                raise
             if spec.reduction == "mean":
                 count = total.to(_float(x.dtype))  # the kernels' count dtype (one fake for both engines)
         else:

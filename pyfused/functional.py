@@ -3,7 +3,7 @@ into the last layer's kernel (their logit gradient made in the forward pass).
 
 Every op validates its arguments and calls :func:`fused`: eager calls with gradients go through
 :class:`FusedFunction` (a ``torch.autograd.Function`` over the engine of the tensors' device,
-:mod:`pyfused.engines`), inference goes straight to the engine's forward (nothing is kept), and under
+:mod:`pyfused.engines`; :class:`TransformableFusedFunction` under torch.func transforms), inference goes straight to the engine's forward (nothing is kept), and under
 ``torch.compile`` the same engine runs behind the opaque ``torch.library`` ops of :mod:`pyfused.custom_ops`.
 
 Weights are in nn.Linear layout (``w_i`` of shape ``(out_i, in_i)``, any strides), biases may be None; ``x`` has
@@ -24,8 +24,9 @@ DOUBLE_BACKWARD = (
 
 
 def _wrapped(*tensors) -> bool:
-    """Whether a torch.func transform (grad, vmap, …) wraps any of ``tensors``: such calls go through the
-    autograd Functions, whose setup_context and vmap rules the transforms use (the engines take plain tensors)."""
+    """Whether a torch.func transform (grad, vmap, …) wraps any of ``tensors``: such calls go through
+    :class:`TransformableFusedFunction`, whose setup_context and vmap rule the transforms use (the engines take
+    plain tensors)."""
     return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
@@ -40,11 +41,45 @@ def _vmap_by_slices(function, info, in_dims, args):
     return stacked, tuple(None if t is None else 0 for t in stacked)
 
 
+def _save(ctx, inputs, out, saved) -> None:
+    x, target, spec, *params = inputs
+    ctx.spec = spec
+    saved = list(saved)
+    if spec.kind == "none":  # the backward starts from the output itself
+        saved[-2] = out
+    ctx.save_for_backward(x, target, *params[0::2], *saved)
+
+
+def _backward(ctx, dout, *_):
+    x, target, *rest = ctx.saved_tensors
+    n_layers = len(ctx.spec.has_bias)
+    needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
+    weights, saved = rest[:n_layers], rest[n_layers:]
+    if torch.is_grad_enabled():  # create_graph=True (torch.func.grad too): a node that refuses differentiation
+        grads = FusedBackward.apply(x, target, ctx.spec, needs, dout, n_layers, *weights, *saved)
+    else:
+        grads = backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, ctx.spec, needs)
+    return (grads[0], None, None, *grads[1:])
+
+
 class FusedFunction(torch.autograd.Function):
-    """``engine.forward`` / ``engine.backward`` for 2-D x; ``params`` are (w_1, b_1, …, w_L, b_L). Outputs are
-    the result, then the saved tensors (non-differentiable), so that torch.func can trace it (setup_context).
-    Under vmap, a batched x (and target) with unbatched parameters and a row-wise result is folded into the rows
-    (one call); anything else runs slice by slice."""
+    """``engine.forward`` / ``engine.backward`` for 2-D x; ``params`` are (w_1, b_1, …, w_L, b_L); returns the
+    result. The eager calls' Function: the forward takes ``ctx`` (a Function with setup_context costs ~10 µs more
+    per call), so torch.func transforms go through :class:`TransformableFusedFunction` instead."""
+
+    @staticmethod
+    def forward(ctx, x, target, spec, *params):
+        out, saved = backend.engine(x.device, x.dtype).forward(x, params[0::2], params[1::2], target, spec, True)
+        _save(ctx, (x, target, spec, *params), out, saved)
+        return out
+
+    backward = staticmethod(_backward)
+
+
+class TransformableFusedFunction(torch.autograd.Function):
+    """:class:`FusedFunction` for torch.func (grad, vmap, …): the outputs are the result, then the saved tensors
+    (non-differentiable), and setup_context saves them. Under vmap, a batched x (and target) with unbatched
+    parameters and a row-wise result is folded into the rows (one call); anything else runs slice by slice."""
 
     @staticmethod
     def forward(x, target, spec, *params):
@@ -53,39 +88,24 @@ class FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, target, spec, *params = inputs
-        ctx.spec = spec
         ctx.mark_non_differentiable(*output[1:])
-        saved = list(output[1:])
-        if spec.kind == "none":  # the backward starts from the output itself
-            saved[-2] = output[0]
-        ctx.save_for_backward(x, target, *params[0::2], *saved)
+        _save(ctx, inputs, output[0], output[1:])
 
-    @staticmethod
-    def backward(ctx, dout, *_):
-        x, target, *rest = ctx.saved_tensors
-        n_layers = len(ctx.spec.has_bias)
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
-        weights, saved = rest[:n_layers], rest[n_layers:]
-        if torch.is_grad_enabled():  # create_graph=True (torch.func.grad too): a node that refuses differentiation
-            grads = FusedBackward.apply(x, target, ctx.spec, needs, dout, n_layers, *weights, *saved)
-        else:
-            grads = backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, ctx.spec, needs)
-        return (grads[0], None, None, *grads[1:])
+    backward = staticmethod(_backward)
 
     @staticmethod
     def vmap(info, in_dims, x, target, spec, *params):
         x_dim, target_dim = in_dims[0], in_dims[1]
         row_wise = spec.kind == "none" or spec.reduction == "none"
         if not row_wise or any(isinstance(d, int) for d in in_dims[3:]) or x_dim is None:
-            return _vmap_by_slices(FusedFunction, info, in_dims, (x, target, spec, *params))
+            return _vmap_by_slices(TransformableFusedFunction, info, in_dims, (x, target, spec, *params))
         x = x.movedim(x_dim, 0)
         batch, n_rows = x.shape[0], x.shape[1]
         x = x.reshape(batch * n_rows, x.shape[-1])
         if target is not None:
             target = target.expand(batch, *target.shape) if target_dim is None else target.movedim(target_dim, 0)
             target = target.reshape(batch * n_rows, *target.shape[2:])
-        out, *saved = FusedFunction.apply(x, target, spec, *params)
+        out, *saved = TransformableFusedFunction.apply(x, target, spec, *params)
         outs = [out.view(batch, n_rows, *out.shape[1:])]
         for t in saved:  # row tensors, and the empty placeholders of the result-free slots
             outs.append(t.view(batch, n_rows, *t.shape[1:]) if t.dim() and t.shape[0] == batch * n_rows
@@ -158,33 +178,41 @@ def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", t
         out_dtype = None if out_dtype == x.dtype or x.dtype != amp else out_dtype  # float64 stays float64
     spec = Spec(tuple(activations), tuple(b is not None for b in biases), head, loss, reduction, ignore_index,
                 out_dtype)
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     flat_target = _flat_target(target, loss, weights)
     if torch.compiler.is_compiling():
         from pyfused import custom_ops
 
         out = custom_ops.call(flat, flat_target, weights, biases, spec)
         out = out if out_dtype is None else out.to(out_dtype)
-    elif (torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in (*weights, *biases)))) or _wrapped(x, target, *weights,
-                                                                                       *biases):
+    elif torch._C._are_functorch_transforms_active() and _wrapped(x, target, *weights, *biases):
         params = [t for pair in zip(weights, biases) for t in pair]
-        out = FusedFunction.apply(flat, flat_target, spec, *params)[0]
+        out = TransformableFusedFunction.apply(flat, flat_target, spec, *params)[0]
+    elif torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(weights) or _any_requires_grad(biases)):
+        params = [t for pair in zip(weights, biases) for t in pair]
+        out = FusedFunction.apply(flat, flat_target, spec, *params)
     else:  # inference: the forward alone, nothing kept (a Function's needs_input_grad ignores no_grad)
         out = backend.engine(x.device, x.dtype).forward(flat, weights, biases, flat_target, spec, False)[0]
     return _shaped(out, x, target, loss, reduction, weights[-1].shape[0])
 
 
+def _any_requires_grad(tensors) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def _flat_target(target, loss, weights):
-    if target is None:
-        return None
+    if target is None or target.dim() == (2 if loss == "mse" else 1):
+        return target
     return target.reshape(-1, weights[-1].shape[0]) if loss == "mse" else target.reshape(-1)
 
 
 def _shaped(out, x, target, loss, reduction, n_out):
     if loss == "none":
-        return out.view(*x.shape[:-1], n_out)
-    return out.view(target.shape) if reduction == "none" else out
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)
+    return out.view(target.shape) if reduction == "none" and target.dim() != out.dim() else out
 
 
 def _check_net(x, weights, biases, activations) -> None:
