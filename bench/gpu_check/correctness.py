@@ -315,6 +315,56 @@ def check_engine_steps(v: Variant, device, steps=6) -> list[dict]:
     return rows
 
 
+def check_drop_in(v: Variant, device) -> list[dict]:
+    """The drop-in behaviours: under torch.autocast (16-bit modes) float32 parameters give the unfused graph's
+    dtypes (log_softmax, NLL) and values against float64 and float32 gradients; in fp32, ``pyfused.fuse`` of an
+    nn.Sequential against the same Sequential unfused, output and every gradient."""
+    rows = []
+    tensors, target = _make(v, device, torch.float32)
+    live = [t for t in tensors if t is not None]
+    names = [n for n, t in zip(("dx", "dw1", "db1", "dw2", "db2"), tensors) if t is not None]
+    ex_in, exact = _graph(tensors, v.activation, torch.float64)
+    if v.mode in ("bf16", "fp16"):
+        amp = DTYPES[v.mode]
+        sm_in, same = _graph(tensors, v.activation, torch.float32)
+        with torch.autocast(device.type, amp):
+            y, sy = pyfused.fused_mlp(*tensors, v.activation), same()
+            loss = pyfused.fused_mlp_nll(*tensors, target, activation=v.activation)
+            sl = F.nll_loss(same(), target)
+        ok = y.dtype == sy.dtype and loss.dtype == sl.dtype
+        rows.append(dict(check="autocast", output=f"dtypes {y.dtype}, {loss.dtype}", max_error="-",
+                         worst_excess="-", ok=ok))
+        rl = F.nll_loss(exact(), target)
+        rows.append(dict(check="autocast", **_compare(v.mode, RULES, "y", y.float(), exact(), sy.float())))
+        rows.append(dict(check="autocast", **_compare(v.mode, RULES, "loss", loss, rl, sl)))
+        grads = torch.autograd.grad(loss, live)
+        rows.append(dict(check="autocast", output="float32 gradients", max_error="-", worst_excess="-",
+                         ok=all(g.dtype == torch.float32 for g in grads)))
+        rows += [dict(check="autocast", **_compare(v.mode, RULES, n, a, b, c)) for n, a, b, c in zip(
+            names, grads, torch.autograd.grad(rl, [t for t in ex_in if t is not None]),
+            torch.autograd.grad(sl, [t for t in sm_in if t is not None]))]
+    elif v.mode == "fp32":
+        x, w1, b1, w2, b2 = (None if t is None else t.detach() for t in tensors)
+        layers = [torch.nn.Linear(w1.shape[1], w1.shape[0], bias=b1 is not None),
+                  torch.nn.ReLU() if v.activation == "relu" else torch.nn.Sigmoid(),
+                  torch.nn.Linear(w2.shape[1], w2.shape[0], bias=b2 is not None), torch.nn.LogSoftmax(dim=-1)]
+        model = torch.nn.Sequential(*layers).to(device)
+        with torch.no_grad():
+            for fc, w, b in ((model[0], w1, b1), (model[2], w2, b2)):
+                fc.weight.copy_(w)
+                if b is not None:
+                    fc.bias.copy_(b)
+        unfused = copy_model(model)
+        pyfused.fuse(model)
+        ours_loss, theirs_loss = F.nll_loss(model(x), target), F.nll_loss(unfused(x), target)
+        rows.append(dict(check="fuse", **_compare("fp32", RULES, "loss", ours_loss, theirs_loss, theirs_loss)))
+        for (name, p), q in zip(model.named_parameters(), unfused.parameters()):
+            a, b = torch.autograd.grad(ours_loss, p, retain_graph=True)[0], torch.autograd.grad(
+                theirs_loss, q, retain_graph=True)[0]
+            rows.append(dict(check="fuse", **_compare("fp32", RULES, f"d{name}", a, b, b)))
+    return rows
+
+
 DEEP_MODES = ("fp32", "bf16", "fp16")  # the deeper chain is checked at the first shape in these modes
 ENGINE_MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # the engine's losses and Adam: at the first shape
 
@@ -328,8 +378,8 @@ def stage_correctness(report: Report, device: torch.device) -> None:
             if report.out_of_time(reserve_s=0.6 * report.budget_s):
                 cut = True
                 break
-            for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps):
-                if check is check_deep and (v.shape != todo[0].shape or v.mode not in DEEP_MODES):
+            for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps, check_drop_in):
+                if check in (check_deep, check_drop_in) and (v.shape != todo[0].shape or v.mode not in DEEP_MODES):
                     continue
                 if check is check_engine_steps and (v.shape != todo[0].shape or v.mode not in ENGINE_MODES):
                     continue
