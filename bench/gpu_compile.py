@@ -67,6 +67,7 @@ ARCHS = {
     "sm_80": Arch("sm_80", 80, smem_per_sm=164 * 1024, smem_per_block=163 * 1024, max_blocks_per_sm=32),
     "sm_90": Arch("sm_90", 90, smem_per_sm=228 * 1024, smem_per_block=227 * 1024, max_blocks_per_sm=32),
 }
+SM_COUNTS = {"sm_80": 108, "sm_90": 132}  # A100, H100/H200: what the weight-gradient split is sized for
 MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # fp32: IEEE float32 matmuls; tf32: float32 with TF32 tl.dot
 MLP_KERNELS = {  # variant: (module in pyfused.kernels, kernel attribute, what the variant is)
     "forward_loss": ("rows", "rows_kernel", "module forward + NLL (mean): activations, stats and dz kept"),
@@ -251,7 +252,8 @@ def _call_launcher(case: Case, module, device="meta") -> None:
         dpres = [t(n_rows, n) for n in widths[1:]]
         like = lambda dt: [None if p is None else t(*p.shape, dt=dt) for pair in zip(weights, biases)  # noqa: E731
                            for p in pair]
-        flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases))
+        flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases),
+                     sm_count=SM_COUNTS.get(case.arch))
         if k in ("grads", "grads_dx"):
             dx = t(n_rows, case.n_in) if k == "grads_dx" else None
             module.grads(x, weights, acts, dpres, grads=like(dtype), dx=dx, **flags)

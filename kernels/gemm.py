@@ -4,8 +4,8 @@
 or fp64 accumulator) for matrices given by pointer and strides, so a transposed operand is only a swap of
 strides. Optionally it also makes the row sums of ``A`` (``Σ_k A[m, k]``): with ``A = dZᵀ`` these are the bias
 gradients, taken from the tile that is already on chip. The grouped gradient kernel (:mod:`pyfused.kernels.grads`)
-calls it once per tile of several independent products in a single launch, then stores the tile, adds it to
-gradient sums, or applies the optimizer to it.
+calls it once per tile (or per slice of a tile's reduction) of several independent products in a single launch,
+then stores the tile, adds it to gradient sums, or applies the optimizer to it.
 """
 import triton
 import triton.language as tl
@@ -15,16 +15,16 @@ import triton.language as tl
 def tile_product(
     a_ptr, stride_a_m, stride_a_k,  # A: (M, K)
     b_ptr, stride_b_k, stride_b_n,  # B: (K, N)
-    M, N, K,
+    M, N, k_lo, k_hi,  # the reduction runs over k_lo ≤ k < k_hi (a slice of K, or all of it)
     tile,  # index of this tile in row-major tile order, 0 <= tile < cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
     ROWSUM: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One tile of A @ B in the accumulator type ``ACC``, reduced over K in a fixed order (deterministic), and
-    with ROWSUM the tile rows' sums Σ_k A[m, k]. Returns ``(acc, row_sum, rm, rn, pid_n)``: the tile, the row
-    sums (zeros without ROWSUM), its row and column indices (int64) and its column of tiles. Reads
-    BLOCK_M·K + K·BLOCK_N elements."""
+    """One tile of A @ B over ``k_lo ≤ k < k_hi`` in the accumulator type ``ACC``, reduced in a fixed order
+    (deterministic), and with ROWSUM the tile rows' sums Σ_k A[m, k]. Returns ``(acc, row_sum, rm, rn, pid_n)``:
+    the tile, the row sums (zeros without ROWSUM), its row and column indices (int64) and its column of tiles.
+    Reads (BLOCK_M + BLOCK_N)·(k_hi − k_lo) elements."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = (tile // tiles_n).to(tl.int64)
     pid_n = (tile % tiles_n).to(tl.int64)
@@ -34,9 +34,9 @@ def tile_product(
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     row_sum = tl.zeros((BLOCK_M,), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = tl.arange(0, BLOCK_K).to(tl.int64) + k0
-        k_mask = rk < K
+        k_mask = rk < k_hi
         a = tl.load(a_ptr + rm[:, None] * stride_a_m + rk[None, :] * stride_a_k,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptr + rk[:, None] * stride_b_k + rn[None, :] * stride_b_n,
@@ -45,3 +45,40 @@ def tile_product(
         if ROWSUM:
             row_sum += tl.sum(a.to(ACC), axis=1)
     return acc, row_sum, rm, rn, pid_n
+
+
+
+@triton.jit
+def split_reduce(
+    part_ptr,  # this product's slice partials: S slices of (M·N tile values, then M row sums), in ACC
+    counter_ptr,  # int32 arrival counter of this tile (0 between launches: the last program resets it)
+    part, n_split,  # this program's slice, S
+    acc, row_sum, offs, mask, m_offs, m_mask,  # this slice's tile and row sums, their offsets and masks
+    M, N, with_sum,  # the product's shape; whether row sums are kept (a bias, first column of tiles)
+):
+    """A deterministic split reduction over K: each of the ``n_split`` programs of a tile stores its partial, the
+    last to arrive (an acq_rel counter, which it resets for the next launch or CUDA-graph replay) sums the S
+    partials in slice order — the same order whichever program arrives last, so the result bits do not depend
+    on scheduling. Returns ``(acc, row_sum, last)``: the whole reduction on the last program, which runs the
+    epilogue. Loads bypass L1 (``.cg``): the other programs' partials are in L2."""
+    numel = M.to(tl.int64) * N
+    stride = numel + M
+    base = part_ptr + part.to(tl.int64) * stride
+    tl.store(base + offs, acc, mask=mask)
+    if with_sum:
+        tl.store(base + numel + m_offs, row_sum, mask=m_mask)
+    # the slice's own values are read back like the others': one use of the K loop's results (Triton's
+    # thread-locality pass asserts on a loop reduction used twice) and one summation order for every slice
+    acc = tl.zeros_like(acc)
+    row_sum = tl.zeros_like(row_sum)
+    tl.debug_barrier()  # every thread's partial is stored before the counter is released
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = arrived == n_split - 1
+    if last:
+        for s in range(0, n_split):
+            src = part_ptr + s * stride
+            acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if with_sum:
+                row_sum += tl.load(src + numel + m_offs, mask=m_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+    return acc, row_sum, last

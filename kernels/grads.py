@@ -6,8 +6,13 @@ from :mod:`pyfused.kernels.rows`, ``dz`` for the last — and ``A_i`` its input,
 ``dW_i = D_iᵀ A_i`` (``n_{i+1} × n_i``, reduced over the B rows) with ``db_i = Σ_rows D_i`` from the same tiles
 (those of the first column), and for a module whose x needs a gradient ``dx = D_1 w_1`` (``B × n_0``). Program
 ids ``[starts[i], starts[i+1])`` make layer i's ``BLOCK_MS[i] × BLOCK_N`` tiles (:func:`tile_product`), then come
-the dx tiles, then, for the train step, one program for the loss. Each tile is reduced over its K in a fixed
-order by one program, no atomics on values: results are bit-identical from run to run.
+the dx tiles, then, for the train step, one program for the loss. Each tile is reduced over its K (the B rows)
+in a fixed order, no atomics on values: results are bit-identical from run to run. When the tiles alone would
+leave the GPU idle (large B), each tile's reduction is split into S slices of the rows (:func:`split_count`), S
+programs per tile: each stores its partial, the last to arrive sums the S partials in slice order
+(:func:`pyfused.kernels.gemm.split_reduce`) and runs the epilogue — still bit-identical from run to run, for a
+given S. Extra memory with S > 1: ``S·(P + n_out)`` accumulator elements per product, an int32 counter per tile
+(cached, left zero by every launch, so CUDA-graph replays work); no extra launch.
 
 Epilogues (EPILOGUE):
 
@@ -27,13 +32,16 @@ mean's divisor costs no launch — or from all-reduced ``totals`` (GLOBAL). The 
 Traffic: A_i once per row of tiles (once when ``BLOCK_MS[i] ≥ n_{i+1}``, as at the seed shape), D_i once per
 column of tiles (L2 after the first), ``8·R`` bytes of stats per program; the update reads and writes each
 parameter and its states once (SGD ``2·P·s`` + ``2·P·s`` with momentum; Adam ``6·P·s`` + amsgrad), the store and
-accumulate epilogues write (and read) ``P`` gradient elements. Extra memory: none (the caller owns every buffer).
+accumulate epilogues write (and read) ``P`` gradient elements. Extra memory without a split: none (the caller owns
+every buffer).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .gemm import tile_product
+from .gemm import split_reduce, tile_product
 from .launch import acc_dtype, dot_block, dot_precision, launch
 from .layers import layer_input
 from .optimizers import HP_WIDTH, finish_parameter, update_elements
@@ -98,6 +106,40 @@ def param_epilogue(
 
 
 @triton.jit
+def tile_offsets(rm, rn, n_m, n_n):
+    """``(offs, mask, m_mask)`` of a tile of an ``n_m × n_n`` parameter: int32 element offsets (a parameter has
+    fewer than 2³¹ elements, the launcher checks: fewer registers), the tile's mask and its rows' mask."""
+    m_mask = rm < n_m
+    mask = m_mask[:, None] & (rn < n_n)[None, :]
+    return (rm[:, None] * n_n + rn[None, :]).to(tl.int32), mask, m_mask
+
+
+@triton.jit
+def tile_epilogue(
+    acc, row_sum, rm, rn, n_m, n_n, pid_n, i: tl.constexpr, n_tiles, n_row_tiles, add, k,
+    param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr,
+    N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,
+    EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    GLOBAL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """A finished tile of layer ``i``'s dW (``n_m × n_n``; and, in the first column of tiles, its db): scaled by
+    the reduction's factor and handed to :func:`param_epilogue` (``n_tiles`` / ``n_row_tiles`` programs share
+    each update)."""
+    scale = 1.0
+    if EPILOGUE != "store":  # after the K loop, so that nothing else lives across it
+        total, count = loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL, ACC, BLOCK_R)
+        scale = gradient_scale(count, k, MEAN)
+    offs, mask, m_mask = tile_offsets(rm, rn, n_m, n_n)  # after the statistics' loop too
+    param_epilogue(acc * scale, offs, mask, 2 * i, n_tiles, add, param_ptrs, grads, states1, states2, states3,
+                   steps, book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+    if HAS_BIAS[i]:
+        if pid_n == 0:
+            param_epilogue(row_sum * scale, rm.to(tl.int32), m_mask, 2 * i + 1, n_row_tiles, add, param_ptrs,
+                           grads, states1, states2, states3, steps, book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE,
+                           OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+
+
+@triton.jit
 def grads_kernel(
     x_ptr, stride_x_row, stride_x_col,  # (B, n_0)
     acts,  # L − 1 hidden activations (B, n_i), contiguous: the inputs of layers 2 … L
@@ -113,10 +155,13 @@ def grads_kernel(
     loss_ptr,  # out: 0-dim loss (LOSS_PROGRAM)
     k, add,  # divide the gradients by k too; "accumulate": whether to add to the sums
     n_rows, widths, starts,  # L + 1 feature counts; L + 2 program-id starts (layers, dx, loss program)
+    parts, counters_ptr,  # SPLIT: L slice-partial buffers (ACC), int32 tile counters (zeros between launches)
+    splits, chunks, counter_starts,  # SPLIT: per layer S, rows per slice, first counter of its tiles
     N_LAYERS: tl.constexpr, NEED: tl.constexpr, HAS_BIAS: tl.constexpr,  # tuples of L
     HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,  # tuples of 2L
     DX: tl.constexpr, EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr,
     LOSS_PROGRAM: tl.constexpr, MEAN: tl.constexpr, GLOBAL: tl.constexpr, ACC: tl.constexpr,
+    SPLIT: tl.constexpr,  # per layer: whether its tiles' reductions are split (S = splits[i] > 1)
     BLOCK_MS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DX: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -125,30 +170,40 @@ def grads_kernel(
     for i in tl.static_range(N_LAYERS):
         if NEED[i]:
             if (pid >= starts[i]) & (pid < starts[i + 1]):
+                tile = pid - starts[i]
+                k_lo = 0
+                k_hi = n_rows
+                if SPLIT[i]:  # S programs per tile, each reducing a slice of the rows (split_reduce)
+                    part = tile % splits[i]
+                    tile = tile // splits[i]
+                    k_lo = part * chunks[i]
+                    k_hi = tl.minimum(k_lo + chunks[i], n_rows)
                 src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
                 acc, row_sum, rm, rn, pid_n = tile_product(
-                    dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], n_rows,
-                    pid - starts[i], HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
-                scale = 1.0
-                if EPILOGUE != "store":  # after the K loop, so that nothing else lives across it
-                    total, count = loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL, ACC, BLOCK_R)
-                    scale = gradient_scale(count, k, MEAN)
-                m_mask = rm < widths[i + 1]
-                mask = m_mask[:, None] & (rn < widths[i])[None, :]
-                # offsets within one parameter fit int32 (the launcher checks numel < 2³¹): fewer registers
-                offs = (rm[:, None] * widths[i] + rn[None, :]).to(tl.int32)
-                param_epilogue(acc * scale, offs, mask, 2 * i,
-                               starts[i + 1] - starts[i], add, param_ptrs, grads, states1, states2, states3, steps,
-                               book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
-                if HAS_BIAS[i]:
-                    if pid_n == 0:
-                        param_epilogue(row_sum * scale, rm.to(tl.int32), m_mask, 2 * i + 1,
-                                       tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr,
-                                       2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+                    dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], k_lo, k_hi,
+                    tile, HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
+                if SPLIT[i]:
+                    offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
+                    acc, row_sum, last = split_reduce(
+                        parts[i], counters_ptr + counter_starts[i] + tile, part, splits[i], acc, row_sum, offs,
+                        mask, rm.to(tl.int32), m_mask, widths[i + 1], widths[i], HAS_BIAS[i] & (pid_n == 0))
+                    if last:  # the tile's whole reduction
+                        tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n, i,
+                                      (starts[i + 1] - starts[i]) // splits[i],
+                                      tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, k, param_ptrs, grads, states1,
+                                      states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr,
+                                      N_LAYERS, HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN,
+                                      GLOBAL, ACC, BLOCK_R)
+                else:  # no runtime branch around the epilogue: one more spills in the 16-bit update on sm_80
+                    tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n, i, starts[i + 1] - starts[i],
+                                  tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, k, param_ptrs, grads, states1, states2,
+                                  states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr, N_LAYERS,
+                                  HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN, GLOBAL, ACC,
+                                  BLOCK_R)
     if DX:
         if (pid >= starts[N_LAYERS]) & (pid < starts[N_LAYERS + 1]):
             acc, _, rm, rn, _ = tile_product(dpres[0], widths[1], 1, ws[0], w_strides[0], w_strides[1], n_rows,
-                                             widths[0], widths[1], pid - starts[N_LAYERS], False, ACC,
+                                             widths[0], 0, widths[1], pid - starts[N_LAYERS], False, ACC,
                                              BLOCK_DX, BLOCK_DX, BLOCK_K, PRECISION)
             tl.store(dx_ptr + rm[:, None] * widths[0] + rn[None, :], acc.to(dx_ptr.dtype.element_ty),
                      mask=(rm < n_rows)[:, None] & (rn < widths[0])[None, :])
@@ -183,6 +238,45 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) 
                 num_stages=2)
 
 
+MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
+MAX_SLICE_ROWS = 4096  # and at most this many: the dependent K-steps of one program stay few
+MAX_SPLIT = 64
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None) -> int:
+    """S, the slices each weight-gradient tile's reduction over the B rows is split into: enough programs to
+    fill the GPU twice over (2 per SM) and no slice longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS,
+    at most MAX_SPLIT. ``sm_count`` stands for a GPU of that many SMs (the compile report); without it, 1 (no
+    split) off CUDA — Triton's interpreter runs programs one after another, and tests pass ``split`` to
+    :func:`grads` to take the split path there."""
+    if sm_count is None:
+        if device.type != "cuda":
+            return 1
+        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if n_tiles == 0:
+        return 1
+    want = max(triton.cdiv(2 * sm_count, n_tiles), triton.cdiv(n_rows, MAX_SLICE_ROWS))
+    return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
+
+
+_COUNTERS = {}  # (device, size) -> int32 zeros: the split tiles' arrival counters (each launch leaves them 0)
+
+
+def _counters(device, size):
+    key = (device, size)
+    counters = _COUNTERS.get(key)
+    if counters is None:
+        counters = torch.zeros(size, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _COUNTERS[key] = counters  # one made during a capture is the graph's own (its memset is recorded)
+    return counters
+
+
 def _filled(tensors, stand_in, n):
     tensors = list(tensors) if tensors is not None else [None] * n
     return tuple(stand_in if t is None else t for t in tensors)
@@ -190,21 +284,31 @@ def _filled(tensors, stand_in, n):
 
 def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=None, dx=None, params=None,
           states=((), (), ()), steps=None, book=None, hp=None, optimizer="sgd", has_state=None, amsgrad=None,
-          keep_grad=False, stats=None, totals=None, loss=None, mean=True, k=1, add=False):
+          keep_grad=False, stats=None, totals=None, loss=None, mean=True, k=1, add=False, split=None,
+          sm_count=None):
     """Launch :func:`grads_kernel`. ``need``/``has_bias``: L flags; ``acts``: L − 1 hidden activations; ``dpres``:
     the L pre-activation gradients (dz last); ``grads``: 2L tensors shaped like the parameters (w_1, b_1, …; None
     where not made): the outputs ("store", "accumulate"; the kept gradients of "update" with ``keep_grad``);
     ``dx``: (B, n_0) output, or None. "update": ``params``, ``states`` (three lists of 2L, None where absent),
     ``steps`` (2L, Adam), ``book``, ``hp``, the optimizer's flags. "update"/"accumulate": ``stats`` (R, 2) or
-    ``totals`` (2,), ``loss`` a 0-dim output, ``mean``, ``k``, ``add``."""
+    ``totals`` (2,), ``loss`` a 0-dim output, ``mean``, ``k``, ``add``. ``split``: S (one int, or one per layer)
+    for the reduction over the rows, :func:`split_count` (for ``sm_count`` SMs when given) when None."""
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     n_layers = len(weights)
     cfg = grads_config(n_rows, widths, x.dtype, epilogue)
-    starts = [0]
+    tiles = [triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"]) if need[i]
+             else 0 for i in range(n_layers)]
+    if split is None:
+        split = split_count(n_rows, sum(tiles), x.device, sm_count)
+    splits = (split,) * n_layers if isinstance(split, int) else tuple(split)
+    # rows per slice, a multiple of BLOCK_K (each slice's K loop is whole steps), and the S that covers B
+    chunks = tuple(triton.cdiv(triton.cdiv(max(n_rows, 1), s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits)
+    splits = tuple(triton.cdiv(max(n_rows, 1), c) for c in chunks)
+    starts, counter_starts = [0], [0]
     for i in range(n_layers):
-        tiles = triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"])
-        starts.append(starts[-1] + (tiles if need[i] else 0))
+        starts.append(starts[-1] + tiles[i] * splits[i])
+        counter_starts.append(counter_starts[-1] + tiles[i])
     dx_tiles = triton.cdiv(n_rows, cfg["BLOCK_DX"]) * triton.cdiv(widths[0], cfg["BLOCK_DX"]) if dx is not None else 0
     starts.append(starts[-1] + dx_tiles)
     loss_program = epilogue != "store"
@@ -213,6 +317,16 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
         return
     stand_in = x
     n_params = 2 * n_layers
+    split_layers = tuple(bool(t) and s > 1 for s, t in zip(splits, tiles))
+    split_any = any(split_layers)
+    parts = [stand_in] * n_layers
+    counters = stand_in
+    if split_any:  # S · (P_i + n_{i+1}) accumulator elements per split layer, and one counter per tile
+        for i in range(n_layers):
+            if split_layers[i]:
+                parts[i] = torch.empty(splits[i] * (widths[i + 1] * widths[i] + widths[i + 1]),
+                                       dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        counters = _counters(x.device, counter_starts[-1])
     launch(grads_kernel, (total,), x.device,
            x, x.stride(0), x.stride(1), _filled(acts, stand_in, n_layers - 1), _filled(dpres, stand_in, n_layers),
            tuple(weights), tuple(s for w in weights for s in w.stride()), stand_in if dx is None else dx,
@@ -221,9 +335,11 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
            stand_in if book is None else book, stand_in if hp is None else hp,
            stand_in if stats is None else stats, 0 if stats is None else stats.shape[0],
            stand_in if totals is None else totals, stand_in if loss is None else loss,
-           k, int(add), n_rows, widths, tuple(starts),
+           k, int(add), n_rows, widths, tuple(starts), tuple(parts), counters, splits, chunks,
+           tuple(counter_starts[:-1]),
            N_LAYERS=n_layers, NEED=tuple(bool(n) for n in need), HAS_BIAS=tuple(has_bias),
            HAS_STATE=tuple(has_state or (False,) * n_params), AMSGRAD=tuple(amsgrad or (False,) * n_params),
            DX=dx is not None, EPILOGUE=epilogue, OPTIMIZER=optimizer, KEEP_GRAD=keep_grad,
            LOSS_PROGRAM=loss_program, MEAN=mean, GLOBAL=totals is not None, ACC=acc_dtype(x.dtype),
+           SPLIT=split_layers,
            PRECISION=dot_precision(x.dtype, x.device), **cfg)

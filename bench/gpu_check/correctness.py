@@ -6,6 +6,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import pyfused
 from bench.gpu_check.common import DTYPES, SEED, copy_model, kernel_backend, with_precision
@@ -365,6 +366,47 @@ def check_drop_in(v: Variant, device) -> list[dict]:
     return rows
 
 
+def check_split(v: Variant, device) -> list[dict]:
+    """The split weight-gradient reduction at a batch that splits on this GPU (16384 rows; forced S = 3 at 100 rows
+    on the interpreter): dW, db and dx against float64, and two launches bit-identical (the slices' partials
+    summed in a fixed order whichever program arrives last)."""
+    from pyfused.kernels import grads as G
+
+    dtype = DTYPES[v.mode]
+    rows = 16384 if device.type == "cuda" else 100
+    _, n_in, hidden, out = v.shape
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x64, w64, a64, d64 = r(rows, n_in), [r(hidden, n_in), r(out, hidden)], r(rows, hidden), [r(rows, hidden),
+                                                                                            r(rows, out)]
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    x, weights, acts, dpres = cast(x64), [cast(w) for w in w64], [cast(a64)], [cast(d) for d in d64]
+    tiles = G.grads_config(rows, (n_in, hidden, out), dtype, "store")
+    split = None if device.type == "cuda" else 3
+
+    def run():
+        outs = [torch.empty_like(weights[0]), x.new_empty(hidden), torch.empty_like(weights[1]), x.new_empty(out),
+                torch.empty_like(x)]
+        G.grads(x, weights, acts, dpres, need=(True, True), has_bias=(True, True), grads=outs[:4], dx=outs[4],
+                split=split)
+        return outs
+
+    first, second = run(), run()
+    d1, dz = (cast(d).double() for d in d64)  # the inputs as the kernel saw them
+    xs, hs = x.double(), acts[0].double()
+    exact = [d1.t() @ xs, d1.sum(0), dz.t() @ hs, dz.sum(0), d1 @ weights[0].double()]
+    # the same-dtype reference: torch's own products in the storage dtype
+    same = [(dpres[0].t() @ x), dpres[0].sum(0), dpres[1].t() @ acts[0], dpres[1].sum(0), dpres[0] @ weights[0]]
+    n_tiles = sum(triton.cdiv(m, tiles["BLOCK_MS"][i]) * triton.cdiv(n, tiles["BLOCK_N"])
+                  for i, (m, n) in enumerate(((hidden, n_in), (out, hidden))))
+    s = split or G.split_count(rows, n_tiles, device)
+    rows_out = [dict(check="split", output=f"S={s} ({tiles['BLOCK_K']}-row steps): repeat bit-identical",
+                     max_error="-", worst_excess="-", ok=all(torch.equal(a, b) for a, b in zip(first, second)))]
+    rows_out += [dict(check="split", **_compare(v.mode, RULES, n, a, b, c)) for n, a, b, c in zip(
+        ("dw1", "db1", "dw2", "db2", "dx"), first, exact, same)]
+    return rows_out
+
+
 DEEP_MODES = ("fp32", "bf16", "fp16")  # the deeper chain is checked at the first shape in these modes
 ENGINE_MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # the engine's losses and Adam: at the first shape
 
@@ -378,8 +420,10 @@ def stage_correctness(report: Report, device: torch.device) -> None:
             if report.out_of_time(reserve_s=0.6 * report.budget_s):
                 cut = True
                 break
-            for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps, check_drop_in):
-                if check in (check_deep, check_drop_in) and (v.shape != todo[0].shape or v.mode not in DEEP_MODES):
+            for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps, check_drop_in,
+                          check_split):
+                if check in (check_deep, check_drop_in, check_split) and (
+                        v.shape != todo[0].shape or v.mode not in DEEP_MODES):
                     continue
                 if check is check_engine_steps and (v.shape != todo[0].shape or v.mode not in ENGINE_MODES):
                     continue

@@ -1,0 +1,101 @@
+"""The split weight-gradient reduction (S slices of the rows per tile, the last program to arrive sums the
+partials in slice order) on the kernels: every product and epilogue against float64 and the eager loop, bit
+identical from run to run, the grid and the counters; and how S is chosen."""
+import pytest
+import torch
+import triton
+
+import pyfused
+from pyfused.kernels import grads as G
+from pyfused.kernels.launch import observe
+from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The kernel path, with ``force(S)`` choosing S for every launch (the CPU heuristic never splits)."""
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+    return lambda s: monkeypatch.setattr(G, "split_count", lambda *args, **kwargs: s)
+
+
+def _products(dtype=torch.float64, rows=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype)  # noqa: E731
+    return r(rows, 24), [r(36, 24), r(5, 36)], [r(rows, 36)], [r(rows, 36), r(rows, 5)]
+
+
+def _run(x, weights, acts, dpres, split, dx=True):
+    outs = [torch.empty_like(weights[0]), weights[0].new_empty(36), torch.empty_like(weights[1]),
+            weights[1].new_empty(5)]
+    dx_out = torch.empty_like(x) if dx else None
+    seen = []
+    with observe(seen.append):
+        G.grads(x, weights, acts, dpres, need=(True, True), has_bias=(True, True), grads=outs, dx=dx_out,
+                split=split)
+    return outs + ([dx_out] if dx else []), seen
+
+
+@pytest.mark.parametrize("split", [2, 3, 4, (2, 4), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_products_match_float64_and_repeat_bit_for_bit(kernels, split, dtype):
+    x, weights, acts, dpres = _products(dtype)
+    ours, seen = _run(x, weights, acts, dpres, split)
+    d1, dz = (d.double() for d in dpres)
+    exact = [d1.t() @ x.double(), d1.sum(0), dz.t() @ acts[0].double(), dz.sum(0), d1 @ weights[0].double()]
+    for name, a, b in zip(("dw1", "db1", "dw2", "db2", "dx"), ours, exact):
+        torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    again, _ = _run(x, weights, acts, dpres, split)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))
+    assert all(int(c.abs().sum()) == 0 for c in G._COUNTERS.values())  # every launch leaves its counters at 0
+    cfg = G.grads_config(100, (24, 36, 5), dtype, "store")
+    splits = (split, split) if isinstance(split, int) else split
+    chunks = [triton.cdiv(triton.cdiv(100, s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits]
+    tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
+             for i, (m, n) in enumerate(((36, 24), (5, 36)))]
+    dx_tiles = triton.cdiv(100, cfg["BLOCK_DX"]) * triton.cdiv(24, cfg["BLOCK_DX"])
+    assert seen[0].grid == (sum(t * triton.cdiv(100, c) for t, c in zip(tiles, chunks)) + dx_tiles,)
+
+
+def test_module_backward_with_a_split(kernels):
+    kernels(3)
+    torch.manual_seed(0)
+    model = pyfused.DeepFusedMLP(24, 36, 20, 5, activation=("relu", "sigmoid"), device=DEVICE).double()
+    ref = eager_twin(model)
+    x = torch.randn(100, 24, dtype=torch.float64, device=DEVICE)
+    target = torch.randint(0, 5, (100,), device=DEVICE)
+    model.nll_loss(x, target).backward()
+    torch.nn.functional.nll_loss(ref(x), target).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("loss,optimizer", [("nll", "sgd"), ("mse", "adam"), ("cross_entropy", "adamw")])
+def test_train_step_with_a_split_matches_the_eager_loop(kernels, loss, optimizer, k):
+    kernels(3)
+    torch.manual_seed(0)
+    model = pyfused.DeepFusedMLP(9, 12, 4, device=DEVICE, log_softmax=loss == "nll")
+    ref = eager_twin(model)
+    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
+    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
+    step = pyfused.FusedTrainStep(model, opt, accumulation_steps=k, loss=loss)
+    for i, (x, t) in enumerate(batches(loss, 90, 9, 4, 4)):
+        ours = step(x, t)
+        theirs = eager_loss(loss, ref(x), t)
+        (theirs / k).backward()
+        if (i + 1) % k == 0:
+            ref_opt.step()
+            ref_opt.zero_grad()
+        torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_how_many_slices():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert G.split_count(128, 58, cuda, sm_count=132) == 1  # the seed step: no split
+    assert G.split_count(1024, 58, cuda, sm_count=132) == 4  # 2·132 programs wanted, slices of at least 256 rows
+    assert G.split_count(65536, 58, cuda, sm_count=132) == 16  # slices of at most 4096 rows
+    assert G.split_count(65536, 600, cuda, sm_count=132) == 16
+    assert G.split_count(1 << 22, 58, cuda, sm_count=132) == G.MAX_SPLIT
+    assert G.split_count(65536, 58, cpu) == 1  # the interpreter: never (tests force it)
