@@ -134,6 +134,7 @@ class Case:
     n_out: int = SEED[3]
     activation: str = "relu"  # the hidden activation, for the kernels that take one (ACTIVATION_KERNELS)
     extra_hidden: tuple = ()  # further hidden layers after the first (n_hidden): a deeper MLP
+    split: int | None = None  # the weight-gradient kernels' S (None: the launcher's choice for the arch's SMs)
 
     @property
     def widths(self) -> tuple:
@@ -150,7 +151,8 @@ class Case:
     def __str__(self) -> str:
         sizes = f"{self.n_rows}x" + "x".join(map(str, self.widths))
         act = "" if self.activation == "relu" else f"-{self.activation}"
-        return f"{self.kernel}{act}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}"
+        split = "" if self.split is None else f"-S{self.split}"
+        return f"{self.kernel}{act}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}{split}"
 
 
 def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), depth=2, shape=None) -> list[Case]:
@@ -253,7 +255,7 @@ def _call_launcher(case: Case, module, device="meta") -> None:
         like = lambda dt: [None if p is None else t(*p.shape, dt=dt) for pair in zip(weights, biases)  # noqa: E731
                            for p in pair]
         flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases),
-                     sm_count=SM_COUNTS.get(case.arch))
+                     sm_count=SM_COUNTS.get(case.arch), split=case.split)
         if k in ("grads", "grads_dx"):
             dx = t(n_rows, case.n_in) if k == "grads_dx" else None
             module.grads(x, weights, acts, dpres, grads=like(dtype), dx=dx, **flags)

@@ -249,16 +249,17 @@ def _sm_count(index: int) -> int:
 
 
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None) -> int:
-    """S, the slices each weight-gradient tile's reduction over the B rows is split into: enough programs to
-    fill the GPU twice over (2 per SM) and no slice longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS,
-    at most MAX_SPLIT. ``sm_count`` stands for a GPU of that many SMs (the compile report); without it, 1 (no
-    split) off CUDA — Triton's interpreter runs programs one after another, and tests pass ``split`` to
-    :func:`grads` to take the split path there."""
+    """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
+    leave the GPU short of 2 programs per SM: enough to fill it twice over and no slice longer than
+    MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic
+    would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of
+    that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs
+    one after another, and tests pass ``split`` to :func:`grads` to take the split path there."""
     if sm_count is None:
         if device.type != "cuda":
             return 1
         sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if n_tiles == 0:
+    if n_tiles == 0 or n_tiles >= 2 * sm_count:
         return 1
     want = max(triton.cdiv(2 * sm_count, n_tiles), triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))

@@ -112,10 +112,16 @@ def test_capture_records_the_launchers_own_config():
     tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
              for i, (m, n) in enumerate(((hidden, n_in), (out, hidden)))]
     assert {k: launch.kwargs[k] for k in cfg} == cfg
-    split = split_count(rows, sum(tiles), torch.device("cuda"), gc.SM_COUNTS["sm_80"])
-    assert split == 2 and launch.kwargs["SPLIT"] == (True, True)  # 4097 rows: two slices of at most 4096
-    assert launch.grid == (sum(tiles) * split,)
+    assert sum(tiles) >= 2 * gc.SM_COUNTS["sm_80"]  # a full grid: no split
+    assert launch.kwargs["SPLIT"] == (False, False) and launch.grid == (sum(tiles),)
     assert launch.args[0].dtype == torch.bfloat16 and launch.kwargs["PRECISION"] == "ieee"
+    launch = gc.capture(gc.Case("step_grads", "sm_90", "fp32", True, 16384, 784, 128, 10))
+    cfg = grads_config(16384, (784, 128, 10), torch.float32, "update")
+    tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
+             for i, (m, n) in enumerate(((128, 784), (10, 128)))]
+    split = split_count(16384, sum(tiles), torch.device("cuda"), gc.SM_COUNTS["sm_90"])
+    assert split == 5 and launch.kwargs["SPLIT"] == (True, True)  # 58 tiles for 132 SMs
+    assert launch.grid == (sum(tiles) * split + 1,)  # and the loss program
     launch = gc.capture(gc.Case("step_grads", "sm_90", "fp32", True, extra_hidden=(64,)))
     assert launch.kwargs["N_LAYERS"] == 3 and launch.kwargs["EPILOGUE"] == "update"
     assert launch.grid == (sum(triton.cdiv(m, b) * triton.cdiv(n, 16) for m, n, b in

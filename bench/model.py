@@ -1,0 +1,161 @@
+"""``python -m bench.model --device h200``: a performance model of FusedTrainStep's two launches — predictions,
+not measurements — for B = 128 … 65536, hidden 128 and 1024 (784 → hidden → 10, bias, SGD with momentum), in
+fp32 IEEE, TF32 and bf16, with the weight-gradient reduction split as the launcher splits it ("after") and
+unsplit ("before", S = 1). Writes ``bench/results/model/<device>.md``.
+
+Each launch's grid and configuration are the launchers' own (:func:`bench.gpu_compile.capture`), its registers,
+shared memory and resident blocks per SM those of Triton's compile for the device's architecture
+(:func:`bench.gpu_compile.compile_cases`). Its time is the largest of five terms, each a floor, plus a launch:
+
+- **math**: its FLOPs at the dtype's dense peak (:mod:`bench.roofline`) scaled by the share of SMs it occupies
+  (``min(grid, SMs) / SMs``);
+- **chain**: the dependent K-steps of one program (the reduction loop; the statistics loop of the update
+  epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
+- **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, and the
+  split partials) at ``L2_TBPS``;
+- **HBM**: the compulsory bytes (x once, parameters and momentum read and written once) at the datasheet
+  bandwidth;
+- **launch**: ``LAUNCH_US`` per launch (launch latency and the tail of the last wave).
+
+The constants are assumptions (H100/H200-class numbers from public microbenchmarks, not measured here), named so
+that a GPU run can replace them; the model's error is unknown until ``python -m bench.gpu_check`` and ``python -m
+bench`` have run on the device. The step's roofline is :func:`bench.roofline.work`'s ``train_step``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+from pathlib import Path
+
+from bench import gpu_compile as gc
+from bench.roofline import peak_for, work
+
+STEP_NS = 120.0  # one dependent K-step of a program: pipelined L2 loads, an mma group, a barrier (assumption)
+L2_TBPS = 10.0  # aggregate L2 load bandwidth, TB/s (assumption)
+LAUNCH_US = 2.0  # per launch: latency and the last wave's tail (assumption)
+DEVICES = {"h200": ("NVIDIA H200", "sm_90", 132), "h100": ("NVIDIA H100 SXM", "sm_90", 132)}
+BATCHES = (128, 1024, 4096, 16384, 65536)
+HIDDEN = (128, 1024)
+MODES = ("fp32", "tf32", "bf16")
+N_IN, N_OUT = 784, 10
+
+
+def _elem(mode):
+    return 2 if mode == "bf16" else 4
+
+
+def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: str) -> dict:
+    """The five terms (µs) of one launch and its predicted time: ``kind`` "rows" (launch 1) or "grads" (launch
+    2), ``result`` the compile result of ``case`` (grid, config, blocks per SM)."""
+    cfg, grid = result["config"], result["grid"][0]
+    s, B, h = _elem(mode), case.n_rows, case.n_hidden
+    widths = (case.n_in, h, case.n_out)
+    resident = max(1, result["blocks_per_sm"]) * sms
+    waves = math.ceil(grid / resident)
+    if kind == "rows":
+        bm, bk, bh = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_H"]
+        flops = 2 * B * (N_IN * h + 2 * h * N_OUT)
+        chain = math.ceil(h / bh) * (math.ceil(N_IN / bk) + 2)
+        l2 = grid * s * (bm * N_IN + h * N_IN + 2 * h * N_OUT) + s * B * (2 * h + N_OUT)
+        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT) * 2
+    else:
+        bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
+        split = result.get("split", 1)
+        rows = math.ceil(B / split)
+        flops = 2 * B * (N_IN * h + h * N_OUT)
+        chain = math.ceil(rows / bk) + math.ceil(math.ceil(B / 16) / br) + (split if split > 1 else 0)
+        tiles = [math.ceil(widths[i + 1] / bms[i]) * math.ceil(widths[i] / bn) for i in range(2)]
+        l2 = sum(t * split * s * rows * (bms[i] + bn) for i, t in enumerate(tiles))
+        params = N_IN * h + h + h * N_OUT + N_OUT
+        l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * math.ceil(B / 16)
+        hbm = s * B * (N_IN + h + N_OUT) + s * 4 * params  # x, h, dpre, dz once; p, momentum in and out
+    terms = {
+        "math": flops / (peak.flops[mode] * min(grid, sms) / sms) * 1e6,
+        "chain": waves * chain * STEP_NS * 1e-3,
+        "L2": l2 / (L2_TBPS * 1e12) * 1e6,
+        "HBM": hbm / peak.bandwidth * 1e6,
+    }
+    bound = max(terms, key=terms.get)
+    return dict(terms, time=terms[bound] + LAUNCH_US, bound=bound, grid=grid, waves=waves)
+
+
+def _cases(arch):
+    out = []
+    for B in BATCHES:
+        for h in HIDDEN:
+            for mode in MODES:
+                rows = gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT)
+                after = gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT)
+                before = gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT, split=1)
+                out.append((B, h, mode, rows, before, after))
+    return out
+
+
+def _split_of(case: gc.Case, result: dict) -> int:
+    if case.split is not None:
+        return case.split
+    from pyfused.kernels.grads import split_count
+
+    cfg = result["config"]
+    widths = (case.n_in, case.n_hidden, case.n_out)
+    tiles = sum(math.ceil(widths[i + 1] / cfg["BLOCK_MS"][i]) * math.ceil(widths[i] / cfg["BLOCK_N"])
+                for i in range(2))
+    import torch
+
+    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch])
+
+
+def model(device: str) -> list[dict]:
+    name, arch, sms = DEVICES[device]
+    peak = peak_for(name)
+    table = _cases(arch)
+    results = gc.compile_cases([c for row in table for c in row[3:]])
+    rows = []
+    for B, h, mode, c_rows, c_before, c_after in table:
+        r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
+        preds = {}
+        for label, case in (("before", c_before), ("after", c_after)):
+            result = dict(results[case], split=_split_of(case, results[case]))
+            preds[label] = (launch_terms("grads", case, result, sms, peak, mode), result["split"])
+        flops, nbytes = work("train_step", B, N_IN, h, N_OUT, True, _elem(mode), 0.9)
+        roof = peak.bound_s(flops, nbytes, mode) * 1e6
+        for label, (r2, split) in preds.items():
+            step = r1["time"] + r2["time"]
+            rows.append(dict(B=B, hidden=h, mode=mode, version=label, S=split, rows_us=r1["time"],
+                             rows_bound=r1["bound"], grads_us=r2["time"], grads_bound=r2["bound"],
+                             grads_grid=r2["grid"], step_us=step, roofline_us=roof, ratio=step / roof))
+    return rows
+
+
+def write(device: str, rows: list[dict], out: Path) -> Path:
+    name, arch, sms = DEVICES[device]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{device}.md"
+    lines = [f"# Performance model of FusedTrainStep on {name} ({arch}, {sms} SMs) — predictions", "",
+             f"Generated by `python -m bench.model --device {device}` on {datetime.date.today()}: "
+             "784 → hidden → 10, bias, SGD with momentum; launch 1 (forward, loss, hidden gradients: "
+             "`step_rows`) and launch 2 (weight gradients with the update: `step_grads`), before (S = 1) and "
+             "after the split reduction. "
+             f"Assumptions: {STEP_NS:g} ns per dependent K-step, L2 {L2_TBPS:g} TB/s, {LAUNCH_US:g} µs per launch "
+             "(see bench/model.py). Nothing here is measured: no GPU run exists yet.", "",
+             "| B | hidden | mode | version | S | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
+             "roofline µs | step / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "
+                     f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
+                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.1f}× |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "model")
+    args = parser.parse_args(argv)
+    print(write(args.device, model(args.device), args.out))
+
+
+if __name__ == "__main__":
+    main()

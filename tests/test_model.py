@@ -1,0 +1,38 @@
+"""bench.model's launch terms on synthetic compile results: the binding term, and what the split changes."""
+import pytest
+
+from bench import gpu_compile as gc
+from bench import model
+from bench.roofline import peak_for
+
+PEAK = peak_for("NVIDIA H200")
+
+
+def _grads(split, grid):
+    cfg = dict(BLOCK_MS=(128, 16), BLOCK_N=16, BLOCK_K=32, BLOCK_R=64)
+    return dict(config=cfg, grid=(grid,), blocks_per_sm=4, split=split)
+
+
+def test_the_split_shortens_the_reduction_chain_of_a_starved_grid():
+    case = gc.Case("step_grads", "sm_90", "bf16", True, 65536, 784, 128, 10)
+    before = model.launch_terms("grads", case, _grads(1, 58), 132, PEAK, "bf16")
+    after = model.launch_terms("grads", case, _grads(16, 58 * 16 + 1), 132, PEAK, "bf16")
+    assert before["bound"] == "chain" and after["chain"] < before["chain"] / 4
+    assert after["time"] < before["time"]
+    assert after["L2"] > before["L2"]  # the partials' traffic
+
+
+def test_a_launch_is_never_faster_than_its_launch_cost():
+    case = gc.Case("step_rows", "sm_90", "fp32", True, 1, 784, 128, 10)
+    terms = model.launch_terms("rows", case, dict(config=dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=128), grid=(1,),
+                                                  blocks_per_sm=2), 132, PEAK, "fp32")
+    assert terms["time"] >= model.LAUNCH_US and terms["bound"] in ("math", "chain", "L2", "HBM")
+
+
+@pytest.mark.slow
+def test_the_split_is_never_predicted_slower():
+    rows = model.model("h200")
+    by_key = {(r["B"], r["hidden"], r["mode"], r["version"]): r for r in rows}
+    for (B, h, mode, version), r in by_key.items():
+        if version == "after":
+            assert r["step_us"] <= by_key[(B, h, mode, "before")]["step_us"] + 1e-9, (B, h, mode)
