@@ -233,7 +233,8 @@ def _call_launcher(case: Case, module, device="meta") -> None:
         out = t(n_rows, case.n_out)
         loss = "mse" if k.endswith("mse") else "class"
         target = t(n_rows, case.n_out) if loss == "mse" else t(n_rows, dt=torch.int64)
-        stats = t(module.n_row_blocks(n_rows, widths, dtype, backward=k.startswith("step")), 2, dt=acc)
+        stats = t(module.n_row_blocks(n_rows, widths, dtype, backward=k.startswith("step"),
+                                      device=torch.device("cuda")), 2, dt=acc)
         if k.startswith("step"):
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
                         target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]], dz=out, stats=stats)
@@ -293,14 +294,21 @@ def capture(case: Case) -> Launch:
 
     The launchers pick ``PRECISION`` with :func:`pyfused.kernels.launch.dot_precision`, which says "ieee"
     off CUDA; mode "tf32" is what it says on CUDA with ``torch.backends.cuda.matmul.allow_tf32``."""
+    import torch
+
     module_name, kernel_name, _ = ALL_KERNELS[case.kernel]
     module = importlib.import_module(f"pyfused.kernels.{module_name}")
     kernel, recorder = getattr(module, kernel_name), _Recorder()
     setattr(module, kernel_name, recorder)
+    precision = getattr(module, "dot_precision", None)
+    if case.mode == "tf32" and precision is not None:  # what dot_precision says on CUDA with TF32 on
+        module.dot_precision = lambda dtype, device: "tf32" if dtype == torch.float32 else precision(dtype, device)
     try:
         _call_launcher(case, module)
     finally:
         setattr(module, kernel_name, kernel)
+        if precision is not None:
+            module.dot_precision = precision
     if len(recorder.launches) != 1:
         raise RuntimeError(f"{case}: expected one launch of {kernel_name}, got {len(recorder.launches)}")
     grid, args, kwargs = recorder.launches[0]

@@ -215,6 +215,9 @@ def grads_kernel(
             tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
 
+WIDE_FROM = 4096  # rows past which the train step's tiles are 32 columns wide (half the re-reads of D_i from L2)
+
+
 def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) -> dict:
     """Launch configuration of :func:`grads_kernel`, from the compile report (no spills at the seed shapes on
     sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
@@ -222,20 +225,22 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) 
     - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps; dx tiles 32 × 32.
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
-      SM-starved launch); ``"update"`` with K steps of 32 and 4 warps, ``"accumulate"`` with K steps of 16 and 8
-      warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
-      blocks at a time: 16 (one step at the seed shape) up to 64 for large batches.
+      SM-starved launch), 32 columns past WIDE_FROM rows (where the split reduction fills the GPU and each
+      program's re-read of D_i from L2 is what binds: ``python -m bench.model``); ``"update"`` with K steps of 32
+      and 4 warps, ``"accumulate"`` with K steps of 16 and 8 warps (the other pairings spill a few bytes in the
+      epilogue). The statistics are summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up
+      to 256 for large batches.
     """
     last = len(widths) - 2
     if epilogue == "store":
         return dict(BLOCK_MS=(32,) * (last + 1), BLOCK_N=32, BLOCK_K=16 if dtype == torch.float64 else 32,
                     BLOCK_DX=32, BLOCK_R=16, num_warps=4, num_stages=2)
     cap = 64 if dtype == torch.float64 else 128
-    block_r = min(64, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
+    block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r, num_warps=4 if update else 8,
-                num_stages=2)
+                BLOCK_N=32 if n_rows > WIDE_FROM else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
+                num_warps=4 if update else 8, num_stages=2)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
@@ -250,7 +255,7 @@ def _sm_count(index: int) -> int:
 
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None) -> int:
     """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
-    leave the GPU short of 2 programs per SM: enough to fill it twice over and no slice longer than
+    leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over and no slice longer than
     MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic
     would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of
     that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs
@@ -259,7 +264,7 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
         if device.type != "cuda":
             return 1
         sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if n_tiles == 0 or n_tiles >= 2 * sm_count:
+    if n_tiles == 0 or n_tiles >= sm_count:
         return 1
     want = max(triton.cdiv(2 * sm_count, n_tiles), triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
@@ -273,7 +278,7 @@ def _counters(device, size):
     counters = _COUNTERS.get(key)
     if counters is None:
         counters = torch.zeros(size, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if device.type != "meta" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _COUNTERS[key] = counters  # one made during a capture is the graph's own (its memset is recorded)
     return counters
 

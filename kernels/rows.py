@@ -181,24 +181,38 @@ def rows_kernel(
                              activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
 
 
-def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool) -> dict:
+LARGE_BATCH = 16384  # rows from which the train step's row kernel takes 64-row tiles (TF32 and 16-bit dtypes)
+
+
+def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
+                precision: str = "ieee") -> dict:
     """Launch configuration of :func:`rows_kernel` (block sizes, warps, stages), from ``python -m
     bench.compile_report`` (sm_80, sm_90): no spills at the seed shape, shared memory within bounds over the sweep.
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
       fp32 at 32 rows spills), K steps of 32, hidden slices of up to 64 with a w_L tile of at most 4096 elements,
       4 warps (8 past 256 outputs), 3 stages (2 for fp64);
-    - forward and backward (the train step): hidden slices of up to 128 (one at the seed shape), K steps of 16
-      (32 with more than one hidden layer), 8 warps (16 past 256 outputs): 4 warps spill in fp32 IEEE;
+    - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
+      of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
+      49 steps of 16 became 13 and 25), 16 for float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE); from LARGE_BATCH rows, 64-row tiles for
+      TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor
+      cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16);
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
     wide = block_out > 256
     if forward and backward:
-        deep = len(widths) > 3  # a chain of hidden layers: K steps of 32 (16 spill a few bytes on sm_90)
-        return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], 32 if deep else 16),
-                    BLOCK_H=dot_block(hidden, max(16, min(128, 4096 // block_out))), BLOCK_OUT=block_out,
+        half = dtype.itemsize == 2
+        block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
+        if n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide:
+            return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
+                        BLOCK_OUT=block_out, num_warps=8, num_stages=2)
+        if dtype == torch.float64:  # a chain of hidden layers: K steps of 32 (16 spill a few bytes on sm_90)
+            block_k = 32 if len(widths) > 3 else 16
+        else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
+            block_k = 64 if half or precision == "tf32" else 32
+        return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,
                     num_warps=16 if wide else 8, num_stages=2)
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
@@ -213,9 +227,13 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
                 num_warps=8 if wide else 4, num_stages=2)
 
 
-def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True, backward=True) -> int:
-    """R, the number of programs (row blocks) of a launch: the rows of ``stats``."""
-    return triton.cdiv(n_rows, rows_config(n_rows, widths, dtype, forward=forward, backward=backward)["BLOCK_M"])
+def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True, backward=True,
+                 device: torch.device | None = None) -> int:
+    """R, the number of programs (row blocks) of a launch on ``device`` (its matmul precision picks the tiles):
+    the rows of ``stats``."""
+    precision = dot_precision(dtype, device) if device is not None else "ieee"
+    cfg = rows_config(n_rows, widths, dtype, forward=forward, backward=backward, precision=precision)
+    return triton.cdiv(n_rows, cfg["BLOCK_M"])
 
 
 def _pairs(tensors, stand_in):
@@ -240,7 +258,8 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
         raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {widths[-1]}; use "
                          "PYFUSED_BACKEND=torch")
     backward = dpres is not None
-    cfg = rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward)
+    precision = dot_precision(x.dtype, x.device)
+    cfg = rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
     any_buffer = x
     w_strides = tuple(s for w in weights for s in w.stride())
     scale_strides = (0, 0) if scale is None else (*scale.stride(), 0, 0)[:2]  # 0-dim, (B,) per row or (B, n_L)
@@ -267,4 +286,4 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
            LOSS_OUT=loss_out is not None, STATS=stats is not None, STORE_DZ=dz is not None, BACKWARD=backward,
            GRAD_IN=grad_in or "none", LOWEST=lowest, RAGGED_LAST=widths[-2] % cfg["BLOCK_H"] != 0,
            ACC=acc_dtype(x.dtype),
-           PRECISION=dot_precision(x.dtype, x.device), **cfg)
+           PRECISION=precision, **cfg)

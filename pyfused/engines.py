@@ -86,7 +86,8 @@ class KernelEngine:
             loss_out = new(*((n_rows,) if kind == "class" else (n_rows, n_out)), dtype=_float(x.dtype))
         else:
             widths = (x.shape[1], *(w.shape[0] for w in weights))
-            stats = new(rows.n_row_blocks(n_rows, widths, x.dtype, backward=False), 2, dtype=_float(x.dtype))
+            stats = new(rows.n_row_blocks(n_rows, widths, x.dtype, backward=False, device=x.device), 2,
+                        dtype=_float(x.dtype))
         if keep and kind != "none":
             dz = new(n_rows, n_out)
         rows.rows(x, weights, biases, spec.activations, head=spec.head, loss=kind, target=target,

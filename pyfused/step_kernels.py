@@ -81,18 +81,21 @@ class KernelStepPath:
     def workspace(self, rows, keep=True) -> dict:
         """Buffers for ``rows`` rows: hidden activations and their gradients, dz, stats; kept for the next call of
         the same batch size when ``keep``."""
+        from pyfused.kernels.launch import dot_precision
         from pyfused.kernels.rows import n_row_blocks
 
-        if keep and self._ws is not None and self._ws[0] == rows:
-            return self._ws[1]
         s = self.step
+        key = (rows, dot_precision(s.dtype, s.device))  # TF32 or not picks the row tiles, so the stats' rows
+        if keep and self._ws is not None and self._ws[0] == key:
+            return self._ws[1]
         new = lambda n: torch.empty((rows, n), dtype=s.dtype, device=s.device)  # noqa: E731
         hidden = s.widths[1:-1]
-        stats = torch.empty((n_row_blocks(rows, s.widths, s.dtype) if rows else 0, 2), device=s.device,
+        stats = torch.empty((n_row_blocks(rows, s.widths, s.dtype, device=s.device) if rows else 0, 2),
+                            device=s.device,
                             dtype=torch.promote_types(s.dtype, torch.float32))
         ws = dict(acts=[new(n) for n in hidden], dpres=[new(n) for n in hidden], dz=new(s.widths[-1]), stats=stats)
         if keep:
-            self._ws = (rows, ws)
+            self._ws = (key, ws)
         return ws
 
     def _rows(self, x, target, ws) -> None:

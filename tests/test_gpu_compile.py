@@ -29,14 +29,19 @@ SPLIT = [  # the split weight-gradient reduction (large B), every epilogue, in t
     for arch, mode in (("sm_90", "fp32"), ("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp64"), ("sm_80", "fp32"),
                        ("sm_80", "bf16"))
 ]
+LARGE = [  # the train step's 64-row tiles (TF32, 16-bit dtypes) from LARGE_BATCH rows
+    gc.Case(kernel, arch, mode, True, 16384, 784, 128, 10)
+    for kernel in ("step_rows", "step_rows_mse")
+    for arch, mode in (("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp16"), ("sm_80", "tf32"), ("sm_80", "bf16"))
+]
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
-         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT)]
+         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT)
+    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +63,12 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT, ids=str)
+@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]
@@ -120,7 +125,7 @@ def test_capture_records_the_launchers_own_config():
     tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
              for i, (m, n) in enumerate(((128, 784), (10, 128)))]
     split = split_count(16384, sum(tiles), torch.device("cuda"), gc.SM_COUNTS["sm_90"])
-    assert split == 5 and launch.kwargs["SPLIT"] == (True, True)  # 58 tiles for 132 SMs
+    assert split == 10 and launch.kwargs["SPLIT"] == (True, True)  # 29 tiles (32 columns wide) for 132 SMs
     assert launch.grid == (sum(tiles) * split + 1,)  # and the loss program
     launch = gc.capture(gc.Case("step_grads", "sm_90", "fp32", True, extra_hidden=(64,)))
     assert launch.kwargs["N_LAYERS"] == 3 and launch.kwargs["EPILOGUE"] == "update"

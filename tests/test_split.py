@@ -46,7 +46,8 @@ def test_split_products_match_float64_and_repeat_bit_for_bit(kernels, split, dty
         torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=lambda m: f"{name}: {m}")
     again, _ = _run(x, weights, acts, dpres, split)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
-    assert all(int(c.abs().sum()) == 0 for c in G._COUNTERS.values())  # every launch leaves its counters at 0
+    used = [c for (device, _), c in G._COUNTERS.items() if device == x.device]
+    assert used and all(int(c.abs().sum()) == 0 for c in used)  # every launch leaves its counters at 0
     cfg = G.grads_config(100, (24, 36, 5), dtype, "store")
     splits = (split, split) if isinstance(split, int) else split
     chunks = [triton.cdiv(triton.cdiv(100, s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits]
@@ -96,6 +97,6 @@ def test_how_many_slices():
     assert G.split_count(128, 58, cuda, sm_count=132) == 1  # the seed step: no split
     assert G.split_count(1024, 58, cuda, sm_count=132) == 4  # 2·132 programs wanted, slices of at least 256 rows
     assert G.split_count(65536, 58, cuda, sm_count=132) == 16  # slices of at most 4096 rows
-    assert G.split_count(65536, 600, cuda, sm_count=132) == 1  # hidden 1024: the tiles fill the GPU already
+    assert G.split_count(65536, 229, cuda, sm_count=132) == 1  # hidden 1024: the tiles fill the GPU already
     assert G.split_count(1 << 22, 58, cuda, sm_count=132) == G.MAX_SPLIT
     assert G.split_count(65536, 58, cpu) == 1  # the interpreter: never (tests force it)
