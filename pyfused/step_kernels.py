@@ -211,7 +211,9 @@ class KernelStepPath:
                                "state loaded); call capture() again")
         self.refresh_hp()
         with on_device(self.step.device):
-            graph["x"].copy_(x)
-            graph["target"].copy_(target)
+            if x is not graph["x"]:  # a batch in the static inputs (FusedTrainStep.static_inputs) is not copied
+                graph["x"].copy_(x)
+            if target is not graph["target"]:
+                graph["target"].copy_(target)
             graph["graph"].replay()
             return graph["loss"].clone()

@@ -168,6 +168,15 @@ class FusedTrainStep:
         with torch.cuda.device(self.device):  # streams, graph and launches on the parameters' GPU
             self._path(True).capture(x_example, target_example)
 
+    @property
+    def static_inputs(self):
+        """``(x, target)``: the captured graph's input buffers (None before :meth:`capture`). A batch written into
+        them (``x.copy_(batch, non_blocking=True)``, a loader filling them) and passed as ``step(x, target)``
+        replays without the two copies a new batch takes."""
+        path = self._paths.get(True)
+        graph = getattr(path, "graph", None)
+        return None if graph is None else (graph["x"], graph["target"])
+
     # ------------------------------------------------------------------ what the paths use
     def grad_views(self):
         """The views (w_1, b_1, …; None for absent biases) of the flat gradient buffer (the parameters' dtype),

@@ -322,6 +322,37 @@ def test_cuda_graph_capture_matches_eager():
     check_same(model, opt, ref, ref_opt)
 
 
+@CUDA
+def test_static_inputs_replay_without_copies(monkeypatch):
+    """A batch written into the captured graph's static inputs replays without copying it again, and gives the
+    eager step's numbers."""
+    model, ref = pair(784, 128, 10, True)
+    opt, ref_opt = FusedSGD(model.parameters(), lr=0.15, momentum=0.9), \
+        torch.optim.SGD(ref.parameters(), lr=0.15, momentum=0.9)
+    step = FusedTrainStep(model, opt)
+    assert step.static_inputs is None
+    data = list(batches(128, 784, 10, 4))
+    step.capture(*data[0])
+    static_x, static_t = step.static_inputs
+    copied = []
+    original_copy = torch.Tensor.copy_
+
+    def counting(self, *args, **kwargs):
+        if self is static_x or self is static_t:
+            copied.append(self)
+        return original_copy(self, *args, **kwargs)
+
+    for x, t in data:
+        static_x.copy_(x)
+        static_t.copy_(t)
+        monkeypatch.setattr(torch.Tensor, "copy_", counting)
+        loss = step(static_x, static_t)
+        monkeypatch.undo()
+        assert not copied
+        torch.testing.assert_close(loss, eager_step(ref, ref_opt, x, t), **TOL)
+    check_same(model, opt, ref, ref_opt)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
 def test_small_integer_targets_give_the_int64_result(backend, dtype):
     """Raw Fashion-MNIST labels are uint8. 13 rows (not a multiple of the row block): the padding rows must not
