@@ -218,15 +218,16 @@ def grads_kernel(
 WIDE_FROM = 4096  # rows past which the train step's tiles are 32 columns wide (half the re-reads of D_i from L2)
 
 
-def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) -> dict:
+def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, precision: str = "ieee") -> dict:
     """Launch configuration of :func:`grads_kernel`, from the compile report (no spills at the seed shapes on
     sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
 
     - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps; dx tiles 32 × 32.
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
-      SM-starved launch), 32 columns past WIDE_FROM rows (where the split reduction fills the GPU and each
-      program's re-read of D_i from L2 is what binds: ``python -m bench.model``); ``"update"`` with K steps of 32
+      SM-starved launch), 32 columns past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction
+      fills the GPU and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``; fp32
+      IEEE is FMA-bound there, and its update epilogue at 32 columns spills on sm_80); ``"update"`` with K steps of 32
       and 4 warps, ``"accumulate"`` with K steps of 16 and 8 warps (the other pairings spill a few bytes in the
       epilogue). The statistics are summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up
       to 256 for large batches.
@@ -238,8 +239,9 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str) 
     cap = 64 if dtype == torch.float64 else 128
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
+    wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=32 if n_rows > WIDE_FROM else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
+                BLOCK_N=32 if n_rows > WIDE_FROM and wide_ok else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
                 num_warps=4 if update else 8, num_stages=2)
 
 
@@ -302,7 +304,8 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     n_layers = len(weights)
-    cfg = grads_config(n_rows, widths, x.dtype, epilogue)
+    precision = dot_precision(x.dtype, x.device)
+    cfg = grads_config(n_rows, widths, x.dtype, epilogue, precision)
     tiles = [triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"]) if need[i]
              else 0 for i in range(n_layers)]
     if split is None:
@@ -348,4 +351,4 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
            DX=dx is not None, EPILOGUE=epilogue, OPTIMIZER=optimizer, KEEP_GRAD=keep_grad,
            LOSS_PROGRAM=loss_program, MEAN=mean, GLOBAL=totals is not None, ACC=acc_dtype(x.dtype),
            SPLIT=split_layers,
-           PRECISION=dot_precision(x.dtype, x.device), **cfg)
+           PRECISION=precision, **cfg)

@@ -194,7 +194,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       4 warps (8 past 256 outputs), 3 stages (2 for fp64);
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
-      49 steps of 16 became 13 and 25), 16 for float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE); from LARGE_BATCH rows, 64-row tiles for
+      49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 —, 16 for
+      float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE); from LARGE_BATCH rows, 64-row tiles for
       TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor
       cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16);
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
@@ -210,6 +211,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
                         BLOCK_OUT=block_out, num_warps=8, num_stages=2)
         if dtype == torch.float64:  # a chain of hidden layers: K steps of 32 (16 spill a few bytes on sm_90)
             block_k = 32 if len(widths) > 3 else 16
+        elif not half and any(n % 16 for n in widths[1:-1]):  # unaligned fp32 tiles (the course's 100): 32 and
+            block_k = 16  # 64 spill 4-12 B on sm_90
         else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
             block_k = 64 if half or precision == "tf32" else 32
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,
