@@ -8,12 +8,22 @@ import torch
 from torch import nn
 
 from pyfused import checks
-from pyfused.functional import fused_deep_mlp
+from pyfused.functional import checked
 
 
 @functools.cache
 def _fc_names(n_layers: int) -> tuple:
     return tuple(f"fc{i}" for i in range(1, n_layers + 1))
+
+
+_MISSING = object()
+
+
+def _param(fc, name):
+    """``fc.<name>`` without nn.Module.__getattr__ on the common path (an nn.Linear's own Parameter or None);
+    a parametrized weight (a property) goes through getattr."""
+    p = fc._parameters.get(name, _MISSING)
+    return getattr(fc, name) if p is _MISSING else p
 
 
 class _FusedNet(nn.Module):
@@ -29,11 +39,11 @@ class _FusedNet(nn.Module):
 
     def _params(self):
         layers = self.linears()
-        return [fc.weight for fc in layers], [fc.bias for fc in layers]
+        return [_param(fc, "weight") for fc in layers], [_param(fc, "bias") for fc in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (or, with ``log_softmax=False``, logits) of shape (*, out) for x of shape (*, in)."""
-        return fused_deep_mlp(x, *self._params(), self.activations, log_softmax=self.log_softmax)
+        return checked(x, *self._params(), self.activations, "log_softmax" if self.log_softmax else "logits")
 
     def _loss(self, method, loss, x, target, reduction, ignore_index=-100):
         if (loss == "nll") != self.log_softmax:
@@ -41,8 +51,8 @@ class _FusedNet(nn.Module):
             fits = "nll_loss" if self.log_softmax else "cross_entropy or mse_loss"
             raise ValueError(f"{type(self).__name__}.{method} does not fit this model's head: it outputs {head}; "
                              f"use {fits}")
-        return fused_deep_mlp(x, *self._params(), self.activations, target, reduction, ignore_index,
-                              log_softmax=self.log_softmax, loss=loss)
+        return checked(x, *self._params(), self.activations, "log_softmax" if self.log_softmax else "logits", loss,
+                       target, reduction, ignore_index)
 
     def nll_loss(self, x: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
                  ignore_index: int = -100) -> torch.Tensor:

@@ -117,6 +117,28 @@ def kernel_lr(lr, device):
     raise RuntimeError(f"lr tensor must be on the parameters' device ({device}) or the CPU, got {lr.device}")
 
 
+def _hooked_step(update):
+    """``step``, marked as torch's wrapper marks a patched step (``hooked``, so torch.optim leaves it as it is):
+    ``update`` run directly when no step hook is registered (global or on the optimizer) and the profiler is
+    off, else through torch's own wrapper (:meth:`torch.optim.Optimizer.profile_hook_step`), so that hooks and
+    profiles see what torch.optim's optimizers show."""
+    from torch.optim import optimizer as torch_optimizer
+
+    wrapped = torch.optim.Optimizer.profile_hook_step(update)
+
+    def step(self, closure=None):
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks
+                or torch._C._autograd._profiler_enabled()):
+            return wrapped(self, closure)
+        out = update(self, closure)
+        self._optimizer_step_code()
+        return out
+
+    step.__doc__, step.hooked = update.__doc__, True
+    return step
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """The machinery the fused optimizers share: gathering a group's parameters with gradients, the split between
     the kernel and the foreach path, the cached address tables (kept alive for CUDA graphs) and the device
@@ -149,8 +171,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One update of every parameter that has a gradient; returns ``closure()``'s loss (or None)."""
+    def _update(self, closure=None):
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss (or None).
+
+        As ``step``: torch.optim's step wrapper (a profiler range, then the step pre- and post-hooks) runs as
+        torch runs it whenever a hook is registered or the profiler is on; otherwise the update runs directly,
+        ~5 µs less per step (:func:`_hooked_step`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -177,6 +203,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if rest:
                 self._foreach_step(group, [params[i] for i in rest], [grads[i] for i in rest])
         return loss
+
+    step = _hooked_step(_update)
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``; with ``set_to_none`` (its default) and the profiler off, the gradients are
+        dropped without torch's profiler range (measured ~8 µs per call less at the seed step)."""
+        if not set_to_none or torch._C._autograd._profiler_enabled():
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None
 
     # ------------------------------------------------------------------ what a subclass gives
     def _existing_states(self, p) -> list:

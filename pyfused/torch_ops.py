@@ -28,8 +28,9 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # ATen's
 
 
 def eager_mlp(x, weights, biases, activations, head, loss, target, reduction, ignore_index):
-    """The unfused graph with torch.nn.functional, differentiable: the torch path under ``torch.autocast``, where
-    autocast's casts decide every dtype as they do for the nn.Linear model."""
+    """The unfused graph with torch.nn.functional, differentiable: the torch path's eager calls that need
+    gradients (autograd records eager's own ops in C++; under ``torch.autocast`` its casts decide every dtype as
+    they do for the nn.Linear model). Class targets of any integer dtype are taken as int64."""
     a = x
     for w, b, activation in zip(weights[:-1], biases[:-1], activations):
         a = F.linear(a, w, b)
@@ -41,7 +42,8 @@ def eager_mlp(x, weights, biases, activations, head, loss, target, reduction, ig
     if loss == "none":
         return y
     fn = F.nll_loss if loss == "nll" else F.cross_entropy
-    return fn(y, target, reduction=reduction, ignore_index=ignore_index)
+    return fn(y, target if target.dtype == torch.int64 else target.long(), reduction=reduction,
+              ignore_index=ignore_index)
 
 
 def linear(a, w, b, out=None):

@@ -350,3 +350,51 @@ def test_tables_used_by_a_capture_stay_alive(monkeypatch):
     params[0].grad = params[0].grad.clone()
     with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
         opt.step()
+
+
+def test_step_hooks_and_the_profiler_see_the_step(backend, device):
+    """The step runs torch.optim's wrapper whenever a hook is registered or the profiler is on (else it skips it):
+    pre- and post-hooks (the optimizer's and a global one) run in torch's order around the closure, and the
+    profiler shows torch's ``Optimizer.step#<class>.step`` range."""
+    from torch.optim import optimizer as torch_optimizer
+
+    p = torch.randn(5, device=device).requires_grad_()
+    p.grad = torch.ones_like(p)
+    opt = FusedSGD([p], lr=0.1)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    glob = torch_optimizer.register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
+    try:
+        opt.step(lambda: calls.append("closure") or 1.0)
+    finally:
+        glob.remove()
+    assert calls == ["pre", "closure", "post", "global"]
+    pre.remove()
+    post.remove()
+    before = p.detach().clone()
+    opt.step()  # no hook: the direct path still updates
+    torch.testing.assert_close(p.detach(), before - 0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#FusedSGD.step" for e in prof.events())
+
+
+def test_zero_grad_is_torchs(backend, device):
+    """set_to_none drops every gradient; set_to_none=False zeroes them in place (the same tensors); the profiler
+    sees torch's ``Optimizer.zero_grad#<class>.zero_grad`` range."""
+    params = [torch.randn(4, 3, device=device).requires_grad_(), torch.randn(3, device=device).requires_grad_()]
+    opt = FusedSGD(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    grads = [p.grad for p in params]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    assert any(e.name == "Optimizer.zero_grad#FusedSGD.zero_grad" for e in prof.events())

@@ -143,9 +143,15 @@ def test_the_deep_op_under_grad_and_vmap(backend):
 
 
 @pytest.mark.parametrize("how", ["create_graph", "func"])
-def test_double_backward_raises_a_clear_error(backend, how):
+def test_double_backward_on_the_kernels_raises_a_clear_error_and_works_on_the_torch_path(backend, how):
     x, w1, b1, w2, b2, target = _net()
     x.requires_grad_()
+    if backend == "torch":  # eager's own ops: a gradient of a gradient, as torch gives it
+        def penalty(f):
+            return lambda w: grad(f, argnums=1)(x, w, b1, w2, b2, target).square().sum()
+        torch.testing.assert_close(grad(penalty(pyfused.fused_mlp_nll))(w1),
+                                   grad(penalty(eager_loss("nll")))(w1), **TOL64)
+        return
     if how == "create_graph":
         (gx,) = torch.autograd.grad(pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target), x, create_graph=True)
         with pytest.raises(RuntimeError, match="pyfused.*double backward.*unfuse"):
