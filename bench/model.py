@@ -149,6 +149,23 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
     return path
 
 
+def committed(device_name: str, root: Path | None = None) -> dict:
+    """The committed predictions for a CUDA device of that name (H200, H100; else {}): ``{(B, hidden, mode):
+    (launch 1 µs, launch 2 µs, step µs)}`` of the "after" rows of ``bench/results/model/<device>.md`` — what
+    ``python -m bench.gpu_check`` puts beside its measurements."""
+    name = device_name.lower()
+    device = next((key for key in ("h200", "h100") if key in name), None)
+    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
+    if device is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[3] == "after":
+            out[(int(cells[0]), int(cells[1]), cells[2])] = tuple(float(cells[i].split()[0]) for i in (5, 6, 7))
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")

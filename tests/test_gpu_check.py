@@ -58,6 +58,10 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("PYFUSED_BACKEND", "triton")
     report = Report(tmp_path, "test", 300)
     cpu = torch.device("cpu")
+    from bench import model  # a stand-in prediction for these sizes: the columns beside the measurements
+
+    monkeypatch.setattr(model, "N_IN", 32)
+    monkeypatch.setattr(model, "committed", lambda name: {(40, 16, "fp32"): (1.0, 2.0, 3.0)})
     stages.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
                                                    dims=(32, 16, 10)),
                             launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)))
@@ -69,6 +73,12 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
         (8, "FusedTrainStep launch 1: rows_kernel"), (40, "FusedTrainStep launch 2: grads_kernel"),
         (8, "module step launch 4: optimizer_kernel"), (40, "FusedTrainStep (whole call)")}
     assert all(float(r["median_us"]) > 0 for r in launches)
+    guessed = {r["what"]: r for r in launches if "predicted_us" in r}
+    assert {r["batch"] for r in guessed.values()} == {40} and set(guessed) == {
+        "FusedTrainStep launch 1: rows_kernel", "FusedTrainStep launch 2: grads_kernel", "FusedTrainStep (whole call)"}
+    whole = guessed["FusedTrainStep (whole call)"]
+    assert whole["predicted_us"] == "3.00" and float(whole["measured_over_predicted"]) == pytest.approx(
+        float(whole["median_us"]) / 3.0, rel=1e-2)
     monkeypatch.setenv("PYFUSED_BACKEND", "auto")
     stages.stage_seed_job(report, cpu, epochs=1, extra=("--limit", "600"))
     assert report.stages["seed_job"][0] == "pass", report.stages["seed_job"]

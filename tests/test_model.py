@@ -36,3 +36,14 @@ def test_the_split_is_never_predicted_slower():
     for (B, h, mode, version), r in by_key.items():
         if version == "after":
             assert r["step_us"] <= by_key[(B, h, mode, "before")]["step_us"] + 1e-9, (B, h, mode)
+
+
+def test_committed_predictions_are_read_for_the_gpu_check():
+    """gpu_check puts the committed predictions beside its measurements: the H200 table's "after" rows, by
+    (B, hidden, mode); nothing for other devices."""
+    rows = model.committed("NVIDIA H200")
+    assert set(rows) >= {(b, h, m) for b in (128, 4096, 16384, 65536) for h in (128, 1024)
+                         for m in ("fp32", "tf32", "bf16")}
+    launch1, launch2, step = rows[(128, 128, "bf16")]
+    assert 0 < launch1 < step and 0 < launch2 < step and abs(launch1 + launch2 - step) < 0.11
+    assert model.committed("CPU (x86_64)") == {} and model.committed("NVIDIA A100-SXM4-80GB") == {}

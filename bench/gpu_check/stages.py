@@ -210,10 +210,12 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
     from pyfused.kernels.launch import observe
 
     sys.path.insert(0, str(ROOT))
+    from bench import model as perf_model
     from bench import roofline
     from bench.cases import precision
 
     peak = roofline.peak_for(report.stamp["device"]) if device.type == "cuda" else None
+    predicted = perf_model.committed(report.stamp["device"])  # {} but on the GPUs the model was run for
     n_in, hidden, out = dims
     rows = []
     for dtype_name in dtypes:
@@ -236,21 +238,28 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
                     opt.step()
                     opt.zero_grad(set_to_none=False)
 
+                # bench.model's prediction (784 → hidden → 10 with bias; here without): launch 1, launch 2, step
+                guess = predicted.get((batch, hidden, dtype_name)) if (n_in, out) == (
+                    perf_model.N_IN, perf_model.N_OUT) else None
                 for what, fn in (("FusedTrainStep", lambda: step(x, t)), ("module step", module_step)):
                     fn()
                     launched = []
                     with observe(launched.append):
                         fn()
                     for i, one in enumerate(launched):
-                        rows.append(dict(what=f"{what} launch {i + 1}: {one.name}", batch=batch, dtype=dtype_name,
-                                         grid=one.grid[0], median_us=f"{_do_bench(one.again):.2f}"))
+                        row = dict(what=f"{what} launch {i + 1}: {one.name}", batch=batch, dtype=dtype_name,
+                                   grid=one.grid[0], median_us=f"{_do_bench(one.again):.2f}")
+                        if guess and what == "FusedTrainStep" and i < 2:
+                            row.update(_versus(float(row["median_us"]), guess[i]))
+                        rows.append(row)
                     step_us = _do_bench(fn)
                     elem = torch.finfo(dtype).bits // 8
                     flops, nbytes = roofline.work("train_step", batch, n_in, hidden, out, False, elem, 0.9)
                     bound = peak.bound_s(flops, nbytes, dtype_name) * 1e6 if peak else None
                     rows.append(dict(what=f"{what} (whole call)", batch=batch, dtype=dtype_name, grid="",
                                      median_us=f"{step_us:.2f}", roofline_us=f"{bound:.2f}" if bound else "n/a",
-                                     x_roofline=f"{step_us / bound:.1f}" if bound else "n/a"))
+                                     x_roofline=f"{step_us / bound:.1f}" if bound else "n/a",
+                                     **(_versus(step_us, guess[2]) if guess and what == "FusedTrainStep" else {})))
                 if device.type == "cuda":
                     step.capture(x, t)
                     captured = _do_bench(lambda: step(x, t))
@@ -259,6 +268,11 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
                                      roofline_us=f"{bound:.2f}" if bound else "n/a",
                                      x_roofline=f"{captured / bound:.1f}" if bound else "n/a"))
     return rows
+
+
+def _versus(measured_us: float, predicted_us: float) -> dict:
+    """The model's prediction beside a measurement: predicted µs and measured / predicted."""
+    return dict(predicted_us=f"{predicted_us:.2f}", measured_over_predicted=f"{measured_us / predicted_us:.2f}")
 
 
 def stage_timings(report: Report, device: torch.device, **sizes) -> None:
@@ -274,11 +288,14 @@ def stage_timings(report: Report, device: torch.device, **sizes) -> None:
     launch_rows = time_launches(report, device, **sizes.get("launches", {}))
     report.rows("timings_launches", launch_rows)
     lines += ["", "Each pyfused launch alone and the whole step (784 → 128 → 10, no bias, momentum 0.9), `do_bench`"
-              " medians; roofline = max(compulsory bytes / HBM bandwidth, FLOPs / dense peak) (bench/roofline.py):",
+              " medians; roofline = max(compulsory bytes / HBM bandwidth, FLOPs / dense peak) (bench/roofline.py);"
+              " predicted = bench/results/model/<gpu>.md (with bias), and measured / predicted, the model's error:",
               ""]
-    lines += table(["what", "B", "dtype", "grid", "median µs", "roofline µs", "× roofline"],
+    lines += table(["what", "B", "dtype", "grid", "median µs", "roofline µs", "× roofline", "predicted µs",
+                    "measured / predicted"],
                     [[r["what"], r["batch"], r["dtype"], r["grid"], r["median_us"], r.get("roofline_us", ""),
-                      r.get("x_roofline", "")] for r in launch_rows])
+                      r.get("x_roofline", ""), r.get("predicted_us", ""), r.get("measured_over_predicted", "")]
+                     for r in launch_rows])
     expected = len(sizes.get("launches", {}).get("batches", TIMING_BATCHES)) * len(
         sizes.get("launches", {}).get("dtypes", TIMING_DTYPES))
     done = len({(r["batch"], r["dtype"]) for r in launch_rows})
