@@ -95,14 +95,11 @@ def _cases(arch):
 def _split_of(case: gc.Case, result: dict) -> int:
     if case.split is not None:
         return case.split
-    from pyfused.kernels.grads import split_count
-
-    cfg = result["config"]
-    widths = (case.n_in, case.n_hidden, case.n_out)
-    tiles = sum(math.ceil(widths[i + 1] / cfg["BLOCK_MS"][i]) * math.ceil(widths[i] / cfg["BLOCK_N"])
-                for i in range(2))
     import torch
 
+    from pyfused.kernels.grads import split_count, tile_counts
+
+    tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
     return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch])
 
 

@@ -241,8 +241,8 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=32 if n_rows > WIDE_FROM and wide_ok else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
-                num_warps=4 if update else 8, num_stages=2)
+                BLOCK_N=32 if n_rows > WIDE_FROM and wide_ok else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32,
+                BLOCK_R=block_r, num_warps=4 if update else 8, num_stages=2)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
@@ -285,6 +285,13 @@ def _counters(device, size):
     return counters
 
 
+def tile_counts(widths: tuple, cfg: dict, need=None) -> list:
+    """The dW tiles of each layer (0 where ``need`` says no gradient) for a :func:`grads_config` ``cfg``: what
+    :func:`split_count` is given, and, times S, each layer's share of the grid."""
+    return [triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"])
+            if need is None or need[i] else 0 for i in range(len(widths) - 1)]
+
+
 def _filled(tensors, stand_in, n):
     tensors = list(tensors) if tensors is not None else [None] * n
     return tuple(stand_in if t is None else t for t in tensors)
@@ -306,8 +313,7 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     n_layers = len(weights)
     precision = dot_precision(x.dtype, x.device)
     cfg = grads_config(n_rows, widths, x.dtype, epilogue, precision)
-    tiles = [triton.cdiv(widths[i + 1], cfg["BLOCK_MS"][i]) * triton.cdiv(widths[i], cfg["BLOCK_N"]) if need[i]
-             else 0 for i in range(n_layers)]
+    tiles = tile_counts(widths, cfg, need)
     if split is None:
         split = split_count(n_rows, sum(tiles), x.device, sm_count)
     splits = (split,) * n_layers if isinstance(split, int) else tuple(split)

@@ -1,10 +1,11 @@
 """The fused MLP ops: any depth, a log_softmax or logits head, and the NLL, cross-entropy and MSE losses fused
 into the last layer's kernel (their logit gradient made in the forward pass).
 
-Every op validates its arguments and calls :func:`fused`: eager calls with gradients go through
-:class:`FusedFunction` (a ``torch.autograd.Function`` over the engine of the tensors' device,
-:mod:`pyfused.engines`; :class:`TransformableFusedFunction` under torch.func transforms), inference goes straight to the engine's forward (nothing is kept), and under
-``torch.compile`` the same engine runs behind the opaque ``torch.library`` ops of :mod:`pyfused.custom_ops`.
+Every op validates its arguments and calls :func:`fused`. On the kernels, eager calls with gradients go through
+:class:`FusedFunction` (a ``torch.autograd.Function`` over :class:`pyfused.engines.KernelEngine`;
+:class:`TransformableFusedFunction` under torch.func transforms); on the torch path they record eager's own ops
+(:func:`pyfused.torch_ops.eager_mlp`). Inference goes straight to the engine's forward (nothing is kept), and
+under ``torch.compile`` the engine runs behind the opaque ``torch.library`` ops of :mod:`pyfused.custom_ops`.
 
 Weights are in nn.Linear layout (``w_i`` of shape ``(out_i, in_i)``, any strides), biases may be None; ``x`` has
 shape ``(*, in)``. Launches: forward 1, backward 2, for any depth (:mod:`pyfused.engines`).
@@ -250,8 +251,7 @@ def fused_mlp(x, w1, b1, w2, b2, activation="relu", *, log_softmax=True):
     """``log_softmax(act(x @ w1ᵀ + b1) @ w2ᵀ + b2, dim=-1)`` for ``x`` of shape (*, in), fused; with
     ``log_softmax=False`` the logits ``act(x @ w1ᵀ + b1) @ w2ᵀ + b2``. ``act`` is ``activation``, "relu" or
     "sigmoid". Returns (*, out) in x's dtype; differentiable in x, w1, b1, w2, b2."""
-    _check_net(x, (w1, w2), (b1, b2), (activation,))
-    return fused(x, (w1, w2), (b1, b2), (activation,), head="log_softmax" if log_softmax else "logits")
+    return checked(x, (w1, w2), (b1, b2), (activation,), "log_softmax" if log_softmax else "logits")
 
 
 def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100, activation="relu"):
@@ -261,27 +261,20 @@ def fused_mlp_nll(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100
     ignored rows; ``"mean"`` divides by the number of non-ignored rows (NaN when there are none, as in torch).
     A CPU target out of range raises IndexError; on CUDA its row's loss is NaN (the host never reads targets).
     """
-    _check_net(x, (w1, w2), (b1, b2), (activation,))
-    checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
-    return fused(x, (w1, w2), (b1, b2), (activation,), loss="nll", target=target, reduction=reduction,
-                 ignore_index=ignore_index)
+    return checked(x, (w1, w2), (b1, b2), (activation,), "log_softmax", "nll", target, reduction, ignore_index)
 
 
 def fused_mlp_cross_entropy(x, w1, b1, w2, b2, target, reduction="mean", ignore_index=-100, activation="relu"):
     """``F.cross_entropy(fused_mlp(x, ..., log_softmax=False).reshape(-1, out), target.reshape(-1), ...)``: the
     class loss on the logits, fused (the same math as :func:`fused_mlp_nll` on the log-probabilities)."""
-    _check_net(x, (w1, w2), (b1, b2), (activation,))
-    checks.check_target(x, target, w2.shape[0], reduction, ignore_index)
-    return fused(x, (w1, w2), (b1, b2), (activation,), head="logits", loss="cross_entropy", target=target,
-                 reduction=reduction, ignore_index=ignore_index)
+    return checked(x, (w1, w2), (b1, b2), (activation,), "logits", "cross_entropy", target, reduction,
+                   ignore_index)
 
 
 def fused_mlp_mse(x, w1, b1, w2, b2, target, reduction="mean", activation="relu"):
     """``F.mse_loss(fused_mlp(x, ..., log_softmax=False), target, reduction=...)``, fused: ``target`` is a float
     tensor of the logits' shape (*, out); "mean" divides by its number of elements, "none" returns its shape."""
-    _check_net(x, (w1, w2), (b1, b2), (activation,))
-    checks.check_mse_target(x, target, w2.shape[0], reduction, autocast_dtype(x))
-    return fused(x, (w1, w2), (b1, b2), (activation,), head="logits", loss="mse", target=target, reduction=reduction)
+    return checked(x, (w1, w2), (b1, b2), (activation,), "logits", "mse", target, reduction)
 
 
 def fused_deep_mlp(x, weights, biases, activations, target=None, reduction="mean", ignore_index=-100, *,

@@ -13,7 +13,7 @@ import torch
 import pyfused
 from pyfused import FusedAdam, FusedAdamW, FusedSGD
 
-from utils import NEVER, make_params, pytorch_optimizer_inputs, set_grads, twin
+from utils import NEVER, closure_for, make_params, pytorch_optimizer_inputs, set_grads, twin
 
 STEPS = 20
 KERNEL_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -94,14 +94,6 @@ def test_param_groups_scheduler_closure_and_tensor_lr(backend, device):
     def groups(ps, lr):
         return [dict(params=ps[:3], lr=lr, amsgrad=True), dict(params=ps[3:5], betas=(0.5, 0.9), weight_decay=0.1)]
 
-    def closure_for(opt, ps):
-        def closure():
-            opt.zero_grad()
-            loss = sum(((p - t) ** 2).sum() + p.sum() for p, t in zip(ps[:-1], targets))
-            loss.backward()
-            return loss
-        return closure
-
     opt = FusedAdamW(groups(ours, torch.tensor(0.02, device=device)), lr=0.01)
     ref = torch.optim.AdamW(groups(theirs, torch.tensor(0.02)), lr=0.01, foreach=False)  # torch: tensor lr
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5) for o in (opt, ref)]
@@ -109,7 +101,7 @@ def test_param_groups_scheduler_closure_and_tensor_lr(backend, device):
         if step == 6:
             opt.add_param_group(dict(params=ours[5:], weight_decay=0.5))
             ref.add_param_group(dict(params=theirs[5:], weight_decay=0.5))
-        loss, ref_loss = opt.step(closure_for(opt, ours)), ref.step(closure_for(ref, theirs))
+        loss, ref_loss = opt.step(closure_for(opt, ours, targets)), ref.step(closure_for(ref, theirs, targets))
         torch.testing.assert_close(loss, ref_loss, **(dict(rtol=0, atol=0) if backend == "torch" else
                                                       dict(rtol=1e-5, atol=1e-5)))
         for sched in scheds:

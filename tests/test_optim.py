@@ -13,7 +13,7 @@ import torch
 
 from pyfused.optim import FusedAdam, FusedSGD
 
-from utils import NEVER, SHAPES, make_params, set_grads, twin
+from utils import NEVER, SHAPES, closure_for, make_params, set_grads, twin
 
 STEPS = 20
 KERNEL_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
@@ -59,21 +59,13 @@ def test_param_groups_scheduler_closure(backend, device):
         return [dict(params=ps[:3], momentum=0.9, nesterov=True, lr=0.02),
                 dict(params=ps[3:5], momentum=0.5, dampening=0.3, weight_decay=0.01, maximize=True)]
 
-    def closure_for(opt, ps):
-        def closure():
-            opt.zero_grad()
-            loss = sum(((p - w) ** 2).sum() + p.sum() for p, w in zip(ps[:-1], weights))
-            loss.backward()
-            return loss
-        return closure
-
     opt, ref = FusedSGD(groups(ours), lr=0.1), torch.optim.SGD(groups(theirs), lr=0.1)
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.5) for o in (opt, ref)]
     for step in range(STEPS):
         if step == 6:
             opt.add_param_group(dict(params=ours[5:], momentum=0.8, weight_decay=0.1))
             ref.add_param_group(dict(params=theirs[5:], momentum=0.8, weight_decay=0.1))
-        loss, ref_loss = opt.step(closure_for(opt, ours)), ref.step(closure_for(ref, theirs))
+        loss, ref_loss = opt.step(closure_for(opt, ours, weights)), ref.step(closure_for(ref, theirs, weights))
         torch.testing.assert_close(loss, ref_loss, **(dict(rtol=0, atol=0) if backend == "torch" else
                                                       dict(rtol=1e-5, atol=1e-5)))
         for s in scheds:

@@ -89,6 +89,17 @@ def twin(params, dtype=None):
     return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
 
 
+def closure_for(opt, params, targets):
+    """An optimizer closure: zero the gradients, then backward a quadratic loss of every parameter but the last
+    (which so never gets a gradient) towards ``targets``; returns the loss."""
+    def closure():
+        opt.zero_grad()
+        loss = sum(((p - t) ** 2).sum() + p.sum() for p, t in zip(params[:-1], targets))
+        loss.backward()
+        return loss
+    return closure
+
+
 def set_grads(step, *param_lists):
     """The same random gradient for the i-th parameter of every list; on odd steps written in place, on even
     steps as new tensors (new addresses: the kernel's address table must follow)."""

@@ -6,7 +6,6 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import pyfused
 from bench.gpu_check.common import DTYPES, SEED, copy_model, kernel_backend, with_precision
@@ -397,9 +396,7 @@ def check_split(v: Variant, device) -> list[dict]:
     exact = [d1.t() @ xs, d1.sum(0), dz.t() @ hs, dz.sum(0), d1 @ weights[0].double()]
     # the same-dtype reference: torch's own products in the storage dtype
     same = [(dpres[0].t() @ x), dpres[0].sum(0), dpres[1].t() @ acts[0], dpres[1].sum(0), dpres[0] @ weights[0]]
-    n_tiles = sum(triton.cdiv(m, tiles["BLOCK_MS"][i]) * triton.cdiv(n, tiles["BLOCK_N"])
-                  for i, (m, n) in enumerate(((hidden, n_in), (out, hidden))))
-    s = split or G.split_count(rows, n_tiles, device)
+    s = split or G.split_count(rows, sum(G.tile_counts((n_in, hidden, out), tiles)), device)
     rows_out = [dict(check="split", output=f"S={s} ({tiles['BLOCK_K']}-row steps): repeat bit-identical",
                      max_error="-", worst_excess="-", ok=all(torch.equal(a, b) for a, b in zip(first, second)))]
     rows_out += [dict(check="split", **_compare(v.mode, RULES, n, a, b, c)) for n, a, b, c in zip(
