@@ -135,6 +135,7 @@ class Case:
     activation: str = "relu"  # the hidden activation, for the kernels that take one (ACTIVATION_KERNELS)
     extra_hidden: tuple = ()  # further hidden layers after the first (n_hidden): a deeper MLP
     split: int | None = None  # the weight-gradient kernels' S (None: the launcher's choice for the arch's SMs)
+    hsplit: int | None = None  # the row kernels' G (programs per row block sharing the hidden layer), likewise
 
     @property
     def widths(self) -> tuple:
@@ -152,6 +153,7 @@ class Case:
         sizes = f"{self.n_rows}x" + "x".join(map(str, self.widths))
         act = "" if self.activation == "relu" else f"-{self.activation}"
         split = "" if self.split is None else f"-S{self.split}"
+        split += "" if self.hsplit is None else f"-G{self.hsplit}"
         return f"{self.kernel}{act}-{self.arch}-{self.mode}-{'bias' if self.bias else 'nobias'}-{sizes}{split}"
 
 
@@ -235,16 +237,18 @@ def _call_launcher(case: Case, module, device="meta") -> None:
         target = t(n_rows, case.n_out) if loss == "mse" else t(n_rows, dt=torch.int64)
         stats = t(module.n_row_blocks(n_rows, widths, dtype, backward=k.startswith("step"),
                                       device=torch.device("cuda")), 2, dt=acc)
+        split = dict(split=case.hsplit, sm_count=SM_COUNTS.get(case.arch))
         if k.startswith("step"):
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
-                        target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]], dz=out, stats=stats)
+                        target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]], dz=out, stats=stats,
+                        **split)
         elif k in ("forward_loss", "forward_mse"):
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
-                        target=target, acts=acts, dz=out, stats=stats)
+                        target=target, acts=acts, dz=out, stats=stats, **split)
         elif k == "forward":
-            module.rows(x, weights, biases, acts_names, acts=acts, out=out)
+            module.rows(x, weights, biases, acts_names, acts=acts, out=out, **split)
         elif k == "forward_eval":
-            module.rows(x, weights, biases, acts_names, acts=acts[:-1] + [None], out=out, store_last=False)
+            module.rows(x, weights, biases, acts_names, acts=acts[:-1] + [None], out=out, store_last=False, **split)
         else:
             grad = dict(grad_in="dlogits", g=out, scale=t(dt=acc)) if k == "rows_loss" else \
                 dict(grad_in="dy", g=t(n_rows, case.n_out), y=out)

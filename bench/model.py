@@ -1,7 +1,8 @@
 """``python -m bench.model --device h200``: a performance model of FusedTrainStep's two launches — predictions,
 not measurements — for B = 128 … 65536, hidden 128 and 1024 (784 → hidden → 10, bias, SGD with momentum), in
-fp32 IEEE, TF32 and bf16, with the weight-gradient reduction split as the launcher splits it ("after") and
-unsplit ("before", S = 1). Writes ``bench/results/model/<device>.md``.
+fp32 IEEE, TF32 and bf16, with the weight-gradient reduction and the hidden layer split as the launchers split
+them ("after": S slices of the rows per tile, G programs per row block) and unsplit ("before", S = G = 1).
+Writes ``bench/results/model/<device>.md``.
 
 Each launch's grid and configuration are the launchers' own (:func:`bench.gpu_compile.capture`), its registers,
 shared memory and resident blocks per SM those of Triton's compile for the device's architecture
@@ -9,7 +10,8 @@ shared memory and resident blocks per SM those of Triton's compile for the devic
 
 - **math**: its FLOPs at the dtype's dense peak (:mod:`bench.roofline`) scaled by the share of SMs it occupies
   (``min(grid, SMs) / SMs``);
-- **chain**: the dependent K-steps of one program (the reduction loop; the statistics loop of the update
+- **chain**: the dependent K-steps of one program (the reduction loop — with G > 1, the program's share of the
+  hidden slices, then on the last one the G partials and every slice's backward —; the statistics loop of the update
   epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
 - **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, and the
   split partials) at ``L2_TBPS``;
@@ -55,9 +57,16 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
     waves = math.ceil(grid / resident)
     if kind == "rows":
         bm, bk, bh = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_H"]
+        groups = grid // math.ceil(B / bm)  # G programs per row block share the hidden layer (HSPLIT)
+        slices = math.ceil(h / bh)
         flops = 2 * B * (N_IN * h + 2 * h * N_OUT)
-        chain = math.ceil(h / bh) * (math.ceil(N_IN / bk) + 2)
-        l2 = grid * s * (bm * N_IN + h * N_IN + 2 * h * N_OUT) + s * B * (2 * h + N_OUT)
+        # x per program, the weights once per row block (shared by its G programs), activations, gradients, dz
+        l2 = s * (grid * bm * N_IN + grid // groups * h * (N_IN + 2 * N_OUT) + B * (2 * h + N_OUT))
+        if groups > 1:  # each its share of the slices; the last also the G partials and every slice's backward
+            chain = math.ceil(slices / groups) * (math.ceil(N_IN / bk) + 1) + groups + slices
+            l2 += 2 * 4 * grid * bm * cfg["BLOCK_OUT"] + s * B * h  # partials; the others' activations
+        else:
+            chain = slices * (math.ceil(N_IN / bk) + 2)
         hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT) * 2
     else:
         bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
@@ -85,10 +94,10 @@ def _cases(arch):
     for B in BATCHES:
         for h in HIDDEN:
             for mode in MODES:
-                rows = gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT)
-                after = gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT)
-                before = gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT, split=1)
-                out.append((B, h, mode, rows, before, after))
+                out.append((B, h, mode, gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT, hsplit=1),
+                            gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT, split=1),
+                            gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT),
+                            gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT)))
     return out
 
 
@@ -109,17 +118,16 @@ def model(device: str) -> list[dict]:
     table = _cases(arch)
     results = gc.compile_cases([c for row in table for c in row[3:]])
     rows = []
-    for B, h, mode, c_rows, c_before, c_after in table:
-        r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
-        preds = {}
-        for label, case in (("before", c_before), ("after", c_after)):
-            result = dict(results[case], split=_split_of(case, results[case]))
-            preds[label] = (launch_terms("grads", case, result, sms, peak, mode), result["split"])
+    for B, h, mode, *cases in table:
         flops, nbytes = work("train_step", B, N_IN, h, N_OUT, True, _elem(mode), 0.9)
         roof = peak.bound_s(flops, nbytes, mode) * 1e6
-        for label, (r2, split) in preds.items():
+        for label, c_rows, c_grads in (("before", *cases[:2]), ("after", *cases[2:])):
+            r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
+            result = dict(results[c_grads], split=_split_of(c_grads, results[c_grads]))
+            r2, split = launch_terms("grads", c_grads, result, sms, peak, mode), result["split"]
+            groups = r1["grid"] // math.ceil(B / results[c_rows]["config"]["BLOCK_M"])
             step = r1["time"] + r2["time"]
-            rows.append(dict(B=B, hidden=h, mode=mode, version=label, S=split, rows_us=r1["time"],
+            rows.append(dict(B=B, hidden=h, mode=mode, version=label, S=f"{split} / {groups}", rows_us=r1["time"],
                              rows_bound=r1["bound"], grads_us=r2["time"], grads_bound=r2["bound"],
                              grads_grid=r2["grid"], step_us=step, roofline_us=roof, ratio=step / roof))
     return rows
@@ -132,11 +140,12 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
     lines = [f"# Performance model of FusedTrainStep on {name} ({arch}, {sms} SMs) — predictions", "",
              f"Generated by `python -m bench.model --device {device}` on {datetime.date.today()}: "
              "784 → hidden → 10, bias, SGD with momentum; launch 1 (forward, loss, hidden gradients: "
-             "`step_rows`) and launch 2 (weight gradients with the update: `step_grads`), before (S = 1) and "
-             "after the split reduction. "
+             "`step_rows`) and launch 2 (weight gradients with the update: `step_grads`), before (S = G = 1) and "
+             "after the splits: S slices of the rows per weight-gradient tile, G programs per row block sharing "
+             "the hidden layer. "
              f"Assumptions: {STEP_NS:g} ns per dependent K-step, L2 {L2_TBPS:g} TB/s, {LAUNCH_US:g} µs per launch "
              "(see bench/model.py). Nothing here is measured: no GPU run exists yet.", "",
-             "| B | hidden | mode | version | S | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
+             "| B | hidden | mode | version | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
              "roofline µs | step / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "

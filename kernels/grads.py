@@ -35,14 +35,13 @@ parameter and its states once (SGD ``2·P·s`` + ``2·P·s`` with momentum; Adam
 accumulate epilogues write (and read) ``P`` gradient elements. Extra memory without a split: none (the caller owns
 every buffer).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from .gemm import split_reduce, tile_product
-from .launch import acc_dtype, dot_block, dot_precision, launch
+from .launch import acc_dtype, arrival_counters, dot_block, dot_precision, launch
+from .launch import sm_count as sms
 from .layers import layer_input
 from .optimizers import HP_WIDTH, finish_parameter, update_elements
 
@@ -250,11 +249,6 @@ MAX_SLICE_ROWS = 4096  # and at most this many: the dependent K-steps of one pro
 MAX_SPLIT = 64
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None) -> int:
     """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
     leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over and no slice longer than
@@ -262,27 +256,13 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of
     that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs
     one after another, and tests pass ``split`` to :func:`grads` to take the split path there."""
+    sm_count = sms(device, sm_count)
     if sm_count is None:
-        if device.type != "cuda":
-            return 1
-        sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 1
     if n_tiles == 0 or n_tiles >= sm_count:
         return 1
     want = max(triton.cdiv(2 * sm_count, n_tiles), triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
-
-
-_COUNTERS = {}  # (device, size) -> int32 zeros: the split tiles' arrival counters (each launch leaves them 0)
-
-
-def _counters(device, size):
-    key = (device, size)
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        counters = torch.zeros(size, dtype=torch.int32, device=device)
-        if device.type != "meta" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _COUNTERS[key] = counters  # one made during a capture is the graph's own (its memset is recorded)
-    return counters
 
 
 def tile_counts(widths: tuple, cfg: dict, need=None) -> list:
@@ -341,7 +321,7 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
             if split_layers[i]:
                 parts[i] = torch.empty(splits[i] * (widths[i + 1] * widths[i] + widths[i + 1]),
                                        dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        counters = _counters(x.device, counter_starts[-1])
+        counters = arrival_counters("grads", x.device, counter_starts[-1])
     launch(grads_kernel, (total,), x.device,
            x, x.stride(0), x.stride(1), _filled(acts, stand_in, n_layers - 1), _filled(dpres, stand_in, n_layers),
            tuple(weights), tuple(s for w in weights for s in w.stride()), stand_in if dx is None else dx,

@@ -1,5 +1,7 @@
-"""Small helpers shared by the launchers: matmul precision, the launch device and block sizes."""
+"""Small helpers shared by the launchers: matmul precision, the launch device, block sizes, SM counts and the
+split reductions' arrival counters."""
 import contextlib
+import functools
 
 import torch
 import triton
@@ -48,6 +50,39 @@ def on_device(device: torch.device):
 def dot_block(n: int, cap: int) -> int:
     """A power-of-two block covering ``n`` (at least 16, the smallest ``tl.dot`` side), capped at ``cap``."""
     return min(max(16, triton.next_power_of_2(n)), cap)
+
+
+def sm_count(device: torch.device, given: int | None = None):
+    """The SMs a launch on ``device`` can fill: ``given`` when not None (a GPU the compile report stands for),
+    the CUDA device's count, None off CUDA (Triton's interpreter runs programs one after another: nothing to
+    fill, so the launchers do not split there)."""
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+COUNTERS = {}  # (kernel, device, size) -> int32 zeros: split tiles' arrival counters (each launch leaves them 0)
+
+
+def arrival_counters(kernel: str, device: torch.device, size: int) -> torch.Tensor:
+    """``size`` int32 zeros for the split reductions of ``kernel``'s launches (:func:`pyfused.kernels.gemm.
+    split_reduce`): every launch leaves them zero, so they are made once per (kernel, device, size) and reused,
+    CUDA-graph replays included. Launches of one kernel on two streams at once would share them: pyfused's
+    launches of a step are on one stream."""
+    key = (kernel, device, size)
+    counters = COUNTERS.get(key)
+    if counters is None:
+        counters = torch.zeros(size, dtype=torch.int32, device=device)
+        if device.type != "meta" and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            COUNTERS[key] = counters  # one made during a capture is the graph's own (its memset is recorded)
+    return counters
 
 
 _observers = []  # callables told of every launch (see observe)

@@ -20,6 +20,12 @@ A program walks its rows through the network with the building blocks of :mod:`p
    ``d_{L−1} = act'(dz w_L)``, ``d_i = act'(d_{i+1} w_{i+1})``, each read off the saved activations (relu
    ``[a > 0]``, sigmoid ``(1 − a)·a``), stored for the weight-gradient launch (:mod:`pyfused.kernels.grads`).
 
+With HSPLIT (a two-layer forward at small B, :func:`hidden_split`) the G programs of a row block share its
+hidden layer: each makes its share of the slices (activations stored) and its partial of the logits, the last
+of them to arrive sums the G partials in group order (:func:`pyfused.kernels.gemm.split_reduce`: bit-identical
+from run to run for a given G) and runs phases 2 and 3 for the block — G times the SMs, a G-times shorter chain
+of dependent K-steps before the head.
+
 The train step is one launch of all three (its weight gradients and update are the next launch); a module's
 forward is (1, 2) and its backward (2, 3) then :mod:`pyfused.kernels.grads`.
 
@@ -34,8 +40,10 @@ import triton
 import triton.language as tl
 
 from .activation import activate, activation_grad
+from .gemm import split_reduce
 from .heads import class_loss, load_class_target, log_softmax_rows, squared_error
-from .launch import acc_dtype, dot_block, dot_precision, launch
+from .launch import acc_dtype, arrival_counters, dot_block, dot_precision, launch
+from .launch import sm_count as sms
 from .layers import grad_slice, layer_input, linear_slice
 
 MAX_OUT = 1024
@@ -57,6 +65,8 @@ def rows_kernel(
     y_ptr,  # GRAD_IN "dy" with a log_softmax head: the saved log-probabilities (B, n_L) contiguous
     scale_ptr, stride_s_row, stride_s_col,  # GRAD_IN "dlogits": the factor of each element of the saved dz
     dz_ptr,  # STORE_DZ: (B, n_L) contiguous logit gradient
+    parts_ptr, counters_ptr,  # HSPLIT: R·G logit partials (BLOCK_M × BLOCK_OUT, ACC); R int32 counters (zeros)
+    n_groups, group_cols,  # HSPLIT: G programs per row block, each taking group_cols of the last hidden layer
     n_rows,
     N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATIONS: tl.constexpr,  # tuples of L and L − 1
     HEAD: tl.constexpr, LOSS: tl.constexpr,  # "log_softmax" | "logits";  "none" | "class" | "mse"
@@ -64,13 +74,22 @@ def rows_kernel(
     STATS: tl.constexpr, STORE_DZ: tl.constexpr, BACKWARD: tl.constexpr, GRAD_IN: tl.constexpr,
     LOWEST: tl.constexpr,  # BACKWARD makes the gradients of hidden layers LOWEST … L − 2 (0-based)
     RAGGED_LAST: tl.constexpr,  # the last hidden width is not a multiple of BLOCK_H (padding columns to zero)
+    HSPLIT: tl.constexpr,  # FORWARD, two layers: G programs per row block share the hidden layer (split_reduce)
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Forward, head, loss and backward rows of BLOCK_M rows (the phases of the module docstring)."""
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block = pid  # the row block
+    h_lo = 0  # the slice of the last hidden layer this program makes: [h_lo, h_hi)
+    h_hi = widths[N_LAYERS - 1]
+    if HSPLIT:
+        block = pid // n_groups
+        group = pid % n_groups
+        h_lo = group * group_cols
+        h_hi = tl.minimum(h_lo + group_cols, h_hi)
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     last: tl.constexpr = N_LAYERS - 1  # index of the output layer
     n_out = widths[N_LAYERS]
@@ -81,6 +100,7 @@ def rows_kernel(
     out_offs = rows[:, None] * n_out + cols[None, :]
     dtype = x_ptr.dtype.element_ty
     out_dtype = out_ptr.dtype.element_ty
+    last_in = True  # whether this program finishes its rows: always, but for the first G − 1 programs of a split
     if FORWARD:
         for i in tl.static_range(N_LAYERS - 2):  # hidden layers before the last: stored, read back by the next
             src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
@@ -96,7 +116,7 @@ def rows_kernel(
             tl.debug_barrier()  # the next layer reads what the other threads of this program stored
         src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, last - 1)
         z = tl.zeros((BLOCK_M, BLOCK_OUT), dtype=ACC)
-        for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer, each slice multiplied into the logits
+        for n0 in range(h_lo, h_hi, BLOCK_H):  # the last hidden layer, each slice multiplied into the logits
             hs = n0 + tl.arange(0, BLOCK_H)
             h_mask = hs < n_last
             acc = linear_slice(src, s_row, s_col, ws[last - 1], w_strides[2 * last - 2], w_strides[2 * last - 1],
@@ -112,73 +132,82 @@ def rows_kernel(
             wt = tl.load(ws[last] + cols[None, :] * w_strides[2 * last] + hs[:, None] * w_strides[2 * last + 1],
                          mask=h_mask[:, None] & col_mask[None, :], other=0.0)
             z = tl.dot(h, wt, z, input_precision=PRECISION, out_dtype=ACC)
-        if HAS_BIAS[last]:
-            z += tl.load(bs[last] + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-        if LOSS == "mse":
-            t = tl.load(target_ptr + rows[:, None] * stride_t_row + cols[None, :] * stride_t_col, mask=out_mask,
-                        other=0.0).to(ACC)
-            value, dz = squared_error(z, t, out_mask)
-            if STORE_OUT:
-                tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
-            if LOSS_OUT:
-                tl.store(loss_ptr + out_offs, value.to(loss_ptr.dtype.element_ty), mask=out_mask)
-            if STATS:
-                tl.store(stats_ptr + 2 * pid, tl.sum(tl.sum(value, axis=1), axis=0))
-                tl.store(stats_ptr + 2 * pid + 1, tl.sum(tl.sum(out_mask.to(ACC), axis=1), axis=0))
-        elif LOSS == "class" or HEAD == "log_softmax":
-            y, p = log_softmax_rows(z, col_mask)
-            if STORE_OUT:
-                tl.store(out_ptr + out_offs, (y if HEAD == "log_softmax" else z).to(out_dtype), mask=out_mask)
-            if LOSS == "class":
-                t, keep = load_class_target(target_ptr, stride_t_row, rows, row_mask, ignore_index)
-                value, dz = class_loss(y, p, t, keep, cols, n_out)
+        if HSPLIT:  # the last of the row block's G programs to arrive sums the logit partials in group order
+            tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_OUT + cols[None, :]
+            z, _, last_in = split_reduce(
+                parts_ptr + block.to(tl.int64) * n_groups * (BLOCK_M * BLOCK_OUT + BLOCK_M), counters_ptr + block,
+                group, n_groups, z, tl.zeros((BLOCK_M,), dtype=ACC), tile, tile >= 0, tl.arange(0, BLOCK_M),
+                row_mask, tl.full((), BLOCK_M, tl.int32), BLOCK_OUT, False)
+    if last_in:
+        if FORWARD:
+            if HAS_BIAS[last]:
+                z += tl.load(bs[last] + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            if LOSS == "mse":
+                t = tl.load(target_ptr + rows[:, None] * stride_t_row + cols[None, :] * stride_t_col, mask=out_mask,
+                            other=0.0).to(ACC)
+                value, dz = squared_error(z, t, out_mask)
+                if STORE_OUT:
+                    tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
                 if LOSS_OUT:
-                    tl.store(loss_ptr + rows, value.to(loss_ptr.dtype.element_ty), mask=row_mask)
+                    tl.store(loss_ptr + out_offs, value.to(loss_ptr.dtype.element_ty), mask=out_mask)
                 if STATS:
-                    tl.store(stats_ptr + 2 * pid, tl.sum(value, axis=0))
-                    tl.store(stats_ptr + 2 * pid + 1, tl.sum(keep.to(ACC), axis=0))
-        elif STORE_OUT:  # logits, no loss
-            tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
-    else:  # a module's backward: dz from the incoming gradient
-        g = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=out_mask,
-                    other=0.0).to(ACC)
-        if GRAD_IN == "dlogits":
-            dz = g * tl.load(scale_ptr + rows[:, None] * stride_s_row + cols[None, :] * stride_s_col,
-                             mask=out_mask, other=0.0).to(ACC)
-        elif HEAD == "log_softmax":
-            y = tl.load(y_ptr + out_offs, mask=out_mask, other=float("-inf")).to(ACC)
-            dz = g - tl.exp(y) * tl.sum(g, axis=1)[:, None]
-        else:
-            dz = g
-    if STORE_DZ:
-        tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
-    if BACKWARD:
-        tl.debug_barrier()  # the activations this program stored
-        dz = dz.to(dtype)
-        for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer: act'(dz w_L), dz still on chip
-            hs = n0 + tl.arange(0, BLOCK_H)
-            h_mask = hs < n_last
-            hmask2 = row_mask[:, None] & h_mask[None, :]
-            w = tl.load(ws[last] + cols[:, None] * w_strides[2 * last] + hs[None, :] * w_strides[2 * last + 1],
-                        mask=col_mask[:, None] & h_mask[None, :], other=0.0)
-            d = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
-            a = tl.load(acts[last - 1] + rows[:, None] * n_last + hs[None, :], mask=hmask2, other=0.0)
-            tl.store(dpres[last - 1] + rows[:, None] * n_last + hs[None, :],
-                     activation_grad(d, a, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype), mask=hmask2)
-        for j in tl.static_range(N_LAYERS - 2):  # earlier hidden layers, from the gradient stored just before
-            h: tl.constexpr = N_LAYERS - 3 - j  # the hidden layer made now (0-based)
-            if h >= LOWEST:
-                tl.debug_barrier()
-                for n0 in range(0, widths[h + 1], BLOCK_H):
-                    hs = n0 + tl.arange(0, BLOCK_H)
-                    h_mask = hs < widths[h + 1]
-                    hmask2 = row_mask[:, None] & h_mask[None, :]
-                    d = grad_slice(dpres[h + 1], widths[h + 2], ws[h + 1], w_strides[2 * h + 2],
-                                   w_strides[2 * h + 3], rows, row_mask, hs, h_mask, widths[h + 2], ACC,
-                                   BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
-                    a = tl.load(acts[h] + rows[:, None] * widths[h + 1] + hs[None, :], mask=hmask2, other=0.0)
-                    tl.store(dpres[h] + rows[:, None] * widths[h + 1] + hs[None, :],
-                             activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
+                    tl.store(stats_ptr + 2 * block, tl.sum(tl.sum(value, axis=1), axis=0))
+                    tl.store(stats_ptr + 2 * block + 1, tl.sum(tl.sum(out_mask.to(ACC), axis=1), axis=0))
+            elif LOSS == "class" or HEAD == "log_softmax":
+                y, p = log_softmax_rows(z, col_mask)
+                if STORE_OUT:
+                    tl.store(out_ptr + out_offs, (y if HEAD == "log_softmax" else z).to(out_dtype), mask=out_mask)
+                if LOSS == "class":
+                    t, keep = load_class_target(target_ptr, stride_t_row, rows, row_mask, ignore_index)
+                    value, dz = class_loss(y, p, t, keep, cols, n_out)
+                    if LOSS_OUT:
+                        tl.store(loss_ptr + rows, value.to(loss_ptr.dtype.element_ty), mask=row_mask)
+                    if STATS:
+                        tl.store(stats_ptr + 2 * block, tl.sum(value, axis=0))
+                        tl.store(stats_ptr + 2 * block + 1, tl.sum(keep.to(ACC), axis=0))
+            elif STORE_OUT:  # logits, no loss
+                tl.store(out_ptr + out_offs, z.to(out_dtype), mask=out_mask)
+        else:  # a module's backward: dz from the incoming gradient
+            g = tl.load(g_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=out_mask,
+                        other=0.0).to(ACC)
+            if GRAD_IN == "dlogits":
+                dz = g * tl.load(scale_ptr + rows[:, None] * stride_s_row + cols[None, :] * stride_s_col,
+                                 mask=out_mask, other=0.0).to(ACC)
+            elif HEAD == "log_softmax":
+                y = tl.load(y_ptr + out_offs, mask=out_mask, other=float("-inf")).to(ACC)
+                dz = g - tl.exp(y) * tl.sum(g, axis=1)[:, None]
+            else:
+                dz = g
+        if STORE_DZ:
+            tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
+        if BACKWARD:
+            tl.debug_barrier()  # the activations this program stored (HSPLIT: the counter's acquire orders the rest)
+            dz = dz.to(dtype)
+            for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer: act'(dz w_L), dz still on chip
+                hs = n0 + tl.arange(0, BLOCK_H)
+                h_mask = hs < n_last
+                hmask2 = row_mask[:, None] & h_mask[None, :]
+                w = tl.load(ws[last] + cols[:, None] * w_strides[2 * last] + hs[None, :] * w_strides[2 * last + 1],
+                            mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+                d = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
+                a = tl.load(acts[last - 1] + rows[:, None] * n_last + hs[None, :], mask=hmask2, other=0.0,
+                            cache_modifier=".cg" if HSPLIT else "")  # in L2 (HSPLIT: stored by other programs)
+                tl.store(dpres[last - 1] + rows[:, None] * n_last + hs[None, :],
+                         activation_grad(d, a, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype), mask=hmask2)
+            for j in tl.static_range(N_LAYERS - 2):  # earlier hidden layers, from the gradient stored just before
+                h: tl.constexpr = N_LAYERS - 3 - j  # the hidden layer made now (0-based)
+                if h >= LOWEST:
+                    tl.debug_barrier()
+                    for n0 in range(0, widths[h + 1], BLOCK_H):
+                        hs = n0 + tl.arange(0, BLOCK_H)
+                        h_mask = hs < widths[h + 1]
+                        hmask2 = row_mask[:, None] & h_mask[None, :]
+                        d = grad_slice(dpres[h + 1], widths[h + 2], ws[h + 1], w_strides[2 * h + 2],
+                                       w_strides[2 * h + 3], rows, row_mask, hs, h_mask, widths[h + 2], ACC,
+                                       BLOCK_M, BLOCK_H, BLOCK_K, PRECISION)
+                        a = tl.load(acts[h] + rows[:, None] * widths[h + 1] + hs[None, :], mask=hmask2, other=0.0)
+                        tl.store(dpres[h] + rows[:, None] * widths[h + 1] + hs[None, :],
+                                 activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
 
 
 LARGE_BATCH = 16384  # rows from which the train step's row kernel takes 64-row tiles (TF32 and 16-bit dtypes)
@@ -239,13 +268,34 @@ def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True
     return triton.cdiv(n_rows, cfg["BLOCK_M"])
 
 
+def hidden_split(n_blocks: int, n_slices: int, device: torch.device, sm_count: int | None = None,
+                 tensor_cores: bool = True) -> int:
+    """G, the programs that share each row block's last hidden layer (``n_slices`` slices of BLOCK_H) in a launch
+    with a forward (two layers): when the ``n_blocks`` row blocks leave SMs idle (small B), enough groups to
+    give every SM a program, at most one per slice. With ``tensor_cores`` (TF32, 16-bit dtypes) only while the
+    blocks occupy at most a quarter of the SMs: past that the launch is bound by L2 (each block streams the
+    whole of w_1) and the split's extra traffic (x read by each of the G programs, the partials) would cost more
+    than its shorter chain brings (B = 1024, hidden 1024, TF32: 24.2 → 25.3 µs predicted); FMA-bound fp32 IEEE
+    and float64 split while any SM is idle. Each of a block's G programs makes ``⌈n_slices / G⌉``
+    slices and their logit partials; the last to arrive sums the partials in group order (:func:`pyfused.kernels.
+    gemm.split_reduce`) and runs the head, the loss and the backward rows for all of the layer — the dependent
+    K-steps of the block's chain drop from ``n_slices·(⌈n_0/BLOCK_K⌉ + 2)`` to about ``⌈n_slices/G⌉·(⌈n_0/
+    BLOCK_K⌉ + 1) + G + n_slices`` (``python -m bench.model``). ``sm_count`` stands for a GPU of that many SMs;
+    without it, 1 off CUDA (the interpreter runs programs one after another: tests pass ``split``)."""
+    sm_count = sms(device, sm_count)
+    if sm_count is None or n_slices < 2 or n_blocks * (4 if tensor_cores else 1) > sm_count:
+        return 1
+    return min(n_slices, triton.cdiv(sm_count, n_blocks))
+
+
 def _pairs(tensors, stand_in):
     return tuple(stand_in if t is None else t for t in tensors)
 
 
 def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, ignore_index=-100,
          acts, dpres=None, out=None, loss_out=None, stats=None, dz=None, forward=True, store_last=True,
-         grad_in=None, g=None, y=None, scale=None, lowest=0):
+         grad_in=None, g=None, y=None, scale=None, lowest=0, split=None, sm_count=None,
+         config=None):
     """Launch :func:`rows_kernel` on validated 2-D ``x`` (B ≥ 1 rows) into the caller's buffers.
 
     ``weights``/``biases``: L tensors each (biases None where absent); ``activations``: L − 1 names; ``acts``: L − 1
@@ -253,7 +303,11 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     (BACKWARD when given); ``out``: (B, n_L) for the head's output; ``loss_out``, ``stats``: loss values and
     per-block sums; ``dz``: (B, n_L) for the logit gradient. Without ``forward``: ``grad_in`` "dlogits" (``g`` the
     saved dz, ``scale`` a tensor broadcastable to it) or "dy" (``g``; ``y`` the saved log-probabilities for a
-    log_softmax head). ``lowest``: the lowest hidden layer whose gradient is needed.
+    log_softmax head). ``lowest``: the lowest hidden layer whose gradient is needed. ``split``: G, the programs
+    per row block that share the hidden layer of a two-layer forward (:func:`hidden_split`, for ``sm_count`` SMs
+    when given, when None); ``config``: :func:`rows_config`'s dict to use instead (tests: other tiles at small
+    sizes); extra memory with G > 1: ``R·G·BLOCK_M·(BLOCK_OUT + 1)`` accumulator elements of
+    logit partials and R int32 counters (cached, left zero by every launch).
     """
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
@@ -262,8 +316,24 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
                          "PYFUSED_BACKEND=torch")
     backward = dpres is not None
     precision = dot_precision(x.dtype, x.device)
-    cfg = rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
+    cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
     any_buffer = x
+    n_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_slices = triton.cdiv(widths[-2], cfg["BLOCK_H"])
+    groups = 1
+    if forward and len(weights) == 2:
+        if split is not None:
+            groups = split
+        elif backward or precision == "tf32" or x.dtype.itemsize == 2:  # a forward only (a module's) in fp32
+            groups = hidden_split(n_blocks, n_slices, x.device, sm_count,  # IEEE or fp64 spills 4–20 B split
+                                  tensor_cores=precision == "tf32" or x.dtype.itemsize == 2)
+    group_cols = triton.cdiv(n_slices, max(groups, 1)) * cfg["BLOCK_H"]
+    groups = triton.cdiv(widths[-2], group_cols)  # every group makes at least one slice
+    parts = counters = any_buffer
+    if groups > 1:
+        parts = torch.empty(n_blocks * groups * cfg["BLOCK_M"] * (cfg["BLOCK_OUT"] + 1), device=x.device,
+                            dtype=torch.promote_types(x.dtype, torch.float32))
+        counters = arrival_counters("rows", x.device, n_blocks)
     w_strides = tuple(s for w in weights for s in w.stride())
     scale_strides = (0, 0) if scale is None else (*scale.stride(), 0, 0)[:2]  # 0-dim, (B,) per row or (B, n_L)
     if target is not None and loss == "mse":
@@ -272,7 +342,7 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
         t_strides = (target.stride(0), 0)
     else:
         t_strides = (0, 0)
-    launch(rows_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),), x.device,
+    launch(rows_kernel, (n_blocks * groups,), x.device,
            x, x.stride(0), x.stride(1),
            tuple(weights), w_strides, _pairs(biases, any_buffer),
            _pairs(acts, any_buffer), _pairs(dpres or [None] * len(acts), any_buffer), widths,
@@ -283,10 +353,12 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
            any_buffer if y is None else y,
            any_buffer if scale is None else scale, *scale_strides,
            any_buffer if dz is None else dz,
+           parts, counters, groups, group_cols,
            n_rows,
            N_LAYERS=len(weights), HAS_BIAS=tuple(b is not None for b in biases), ACTIVATIONS=tuple(activations),
            HEAD=head, LOSS=loss, FORWARD=forward, STORE_LAST=store_last, STORE_OUT=out is not None,
            LOSS_OUT=loss_out is not None, STATS=stats is not None, STORE_DZ=dz is not None, BACKWARD=backward,
            GRAD_IN=grad_in or "none", LOWEST=lowest, RAGGED_LAST=widths[-2] % cfg["BLOCK_H"] != 0,
+           HSPLIT=groups > 1,
            ACC=acc_dtype(x.dtype),
            PRECISION=precision, **cfg)

@@ -34,7 +34,7 @@ def test_cpu_run_writes_the_report(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["variant"].split()[0] for r in rows} == {"fp32", "fp16", "fp64"}
     assert {r["check"] for r in rows} >= {"fused_mlp", "fused_mlp_nll", "fused_deep_mlp", "FusedMLP+FusedSGD",
-                                         "FusedTrainStep"}
+                                         "FusedTrainStep", "split", "hidden split"}
     assert all(r["ok"] == "True" and r["device"] and r["command"] and r["date"] for r in rows)
     with open(tmp_path / "launches.csv", encoding="utf-8") as f:
         launches = {r["what"]: float(r["pyfused_launches"]) for r in csv.DictReader(f)}
@@ -64,7 +64,8 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "committed", lambda name: {(40, 16, "fp32"): (1.0, 2.0, 3.0)})
     stages.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
                                                    dims=(32, 16, 10)),
-                            launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)))
+                            launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)),
+                            wide=dict(batches=(8,), dtypes=("fp32",), dims=(32, 48, 10)))
     assert report.stages["timings"][0] == "pass", report.stages["timings"]
     seed = {r["impl"]: r for r in report.csv["timings_seed_step"]}
     assert set(seed) == {"eager", "pyfused", "fused_train_step"} and all(r["status"] == "ok" for r in seed.values())
@@ -73,6 +74,7 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
         (8, "FusedTrainStep launch 1: rows_kernel"), (40, "FusedTrainStep launch 2: grads_kernel"),
         (8, "module step launch 4: optimizer_kernel"), (40, "FusedTrainStep (whole call)")}
     assert all(float(r["median_us"]) > 0 for r in launches)
+    assert {(r["batch"], r["hidden"]) for r in launches} == {(8, 16), (40, 16), (8, 48)}  # and the wide point
     guessed = {r["what"]: r for r in launches if "predicted_us" in r}
     assert {r["batch"] for r in guessed.values()} == {40} and set(guessed) == {
         "FusedTrainStep launch 1: rows_kernel", "FusedTrainStep launch 2: grads_kernel", "FusedTrainStep (whole call)"}

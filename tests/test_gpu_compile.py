@@ -6,8 +6,10 @@ activations, the same kernels of a three-layer net (784 → 128 → 128 → 10),
 inference, MSE heads, Adam, the optimizer's other modes) at the seed shape in fp32 and bf16 on sm_90, and the
 extremes of the size sweep: each must compile, fit the architecture's shared memory per block and leave room for
 a block per SM; the kernels of a seed step, two- and three-layer, must not spill. The slow set compiles every
-variant in every mode, the course's programs at their own shapes, and the whole size sweep. Compiles run in a
-process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
+variant in every mode, the course's programs at their own shapes, and the whole size sweep. The splits (the
+weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
+the launchers take them. Compiles run in a process without ``TRITON_INTERPRET``, in parallel, cached under the
+temp dir (``PYFUSED_COMPILE_CACHE``).
 """
 import pytest
 import torch
@@ -34,14 +36,20 @@ LARGE = [  # the train step's 64-row tiles (TF32, 16-bit dtypes) from LARGE_BATC
     for kernel in ("step_rows", "step_rows_mse")
     for arch, mode in (("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp16"), ("sm_80", "tf32"), ("sm_80", "bf16"))
 ]
+HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the train step in every mode; the
+    # module forward where it splits (TF32, 16-bit dtypes: 2 groups of 64 at the seed shape)
+    gc.Case(kernel, arch, mode, True, 128, 784, 1024, 10)
+    for kernel in ("step_rows", "step_rows_mse") for arch in gc.ARCHS for mode in gc.MODES
+] + [gc.Case(kernel, arch, mode, True, 128, 784, 1024, 10)
+     for kernel in ("forward_loss", "forward", "forward_eval") for arch in gc.ARCHS for mode in ("tf32", "bf16")]
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
-         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE)]
+         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE + HSPLIT)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE)
+    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + HSPLIT)
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +71,12 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE, ids=str)
+@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + HSPLIT, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + HSPLIT, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]
@@ -85,6 +93,16 @@ def test_split_reduction_is_compiled_and_spills_at_most_a_few_bytes(case, defaul
     assert result["error"] is None, result["error"]
     assert result["config"]["SPLIT"] == [True, True] or result["config"]["SPLIT"] == (True, True)
     assert result["spill_stores"] <= 8, f"{case} ({result['config']}) spills {result['spill_stores']} B"
+
+
+@pytest.mark.parametrize("case", HSPLIT, ids=str)
+def test_hidden_split_is_what_the_launcher_takes_at_small_batches(case, default_results):
+    """B = 128, hidden 1024: 8 row blocks of 16, 8 slices of 128 (16 of 64 for a forward only): the launcher
+    splits every row block into a group per slice, up to the SMs (groups of whole slices)."""
+    result = default_results[case]
+    slices = 1024 // result["config"]["BLOCK_H"]
+    per_group = triton.cdiv(slices, min(slices, triton.cdiv(gc.SM_COUNTS[case.arch], 8)))
+    assert result["config"]["HSPLIT"] is True and result["grid"] == [8 * triton.cdiv(slices, per_group)]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""bench.model's launch terms on synthetic compile results: the binding term, and what the split changes."""
+"""bench.model's launch terms on synthetic compile results: the binding term, and what the splits change."""
 import pytest
 
 from bench import gpu_compile as gc
@@ -20,6 +20,18 @@ def test_the_split_shortens_the_reduction_chain_of_a_starved_grid():
     assert before["bound"] == "chain" and after["chain"] < before["chain"] / 4
     assert after["time"] < before["time"]
     assert after["L2"] > before["L2"]  # the partials' traffic
+
+
+def test_the_hidden_split_shortens_the_chain_of_a_small_batch():
+    """B = 128, hidden 1024: 8 row blocks, 8 slices of 128; G = 8 gives each program one slice, the last one
+    also the 8 partials and the 8 slices' backward — more SMs, a chain of 14 + 8 + 8 steps instead of 8 · 15."""
+    case = gc.Case("step_rows", "sm_90", "bf16", True, 128, 784, 1024, 10)
+    cfg = dict(BLOCK_M=16, BLOCK_K=64, BLOCK_H=128, BLOCK_OUT=16)
+    before = model.launch_terms("rows", case, dict(config=cfg, grid=(8,), blocks_per_sm=2), 132, PEAK, "bf16")
+    after = model.launch_terms("rows", case, dict(config=cfg, grid=(64,), blocks_per_sm=2), 132, PEAK, "bf16")
+    assert before["bound"] == "chain" and before["chain"] == pytest.approx(8 * 15 * model.STEP_NS * 1e-3)
+    assert after["chain"] == pytest.approx(30 * model.STEP_NS * 1e-3) and after["time"] < before["time"]
+    assert after["L2"] > before["L2"]  # x read by each group, the partials, the other groups' activations
 
 
 def test_a_launch_is_never_faster_than_its_launch_cost():

@@ -404,6 +404,62 @@ def check_split(v: Variant, device) -> list[dict]:
     return rows_out
 
 
+def check_hidden_split(v: Variant, device) -> list[dict]:
+    """The row kernel's hidden split where it is taken on this GPU (B = 128, hidden 1024, the train step's row
+    pass: 8 groups of 128 on an H200; forced G = 3 of 16-wide slices at 40 × 24 → 100 → 5 on the interpreter):
+    activations, hidden gradients, dz and the per-block sums against float64, and two launches bit-identical
+    (the logit partials summed in group order whichever program arrives last)."""
+    from pyfused.kernels import rows as R
+
+    dtype = DTYPES[v.mode]
+    cuda = device.type == "cuda"
+    rows, n_in, hidden, out = (128, 784, 1024, 10) if cuda else (40, 24, 100, 5)
+    config = None if cuda else dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=16, BLOCK_OUT=16, num_warps=4, num_stages=2)
+    g = torch.Generator().manual_seed(11)
+    cast = lambda t: t.to(device, dtype)  # noqa: E731
+    x, w1, b1 = cast(torch.randn(rows, n_in, generator=g)), cast(torch.randn(hidden, n_in, generator=g) / n_in ** .5), \
+        cast(torch.randn(hidden, generator=g) * 0.1)
+    w2, b2 = cast(torch.randn(out, hidden, generator=g) / hidden ** .5), cast(torch.randn(out, generator=g) * 0.1)
+    target = torch.randint(0, out, (rows,), generator=g).to(device)
+    cfg = config or R.rows_config(rows, (n_in, hidden, out), dtype, forward=True, backward=True,
+                                  precision="tf32" if v.mode == "tf32" else "ieee")
+    n_blocks = -(-rows // cfg["BLOCK_M"])
+    seen = []
+
+    def run():
+        new = lambda *s: torch.empty(s, device=device, dtype=dtype)  # noqa: E731
+        outs = dict(acts=new(rows, hidden), dpres=new(rows, hidden), dz=new(rows, out),
+                    stats=torch.empty(n_blocks, 2, device=device, dtype=torch.promote_types(dtype, torch.float32)))
+        from pyfused.kernels.launch import observe
+        with observe(seen.append):
+            R.rows(x, [w1, w2], [b1, b2], ("relu",), loss="class", target=target, acts=[outs["acts"]],
+                   dpres=[outs["dpres"]], dz=outs["dz"], stats=outs["stats"], split=None if cuda else 3,
+                   config=config)
+        return outs
+
+    first, second = run(), run()
+    groups = seen[0].grid[0] // n_blocks
+
+    def reference(dt):
+        xs, w1s, b1s, w2s, b2s = (t.to(dt) for t in (x, w1, b1, w2, b2))
+        pre = xs @ w1s.t() + b1s
+        h = torch.relu(pre)
+        y = torch.log_softmax(h @ w2s.t() + b2s, 1)
+        dz = y.exp() - F.one_hot(target, out).to(dt)
+        value = -y.gather(1, target[:, None])[:, 0]
+        sums = torch.zeros(n_blocks, dtype=dt, device=device).index_add(
+            0, torch.arange(rows, device=device) // cfg["BLOCK_M"], value)
+        return dict(acts=h, dpres=(dz @ w2s) * (pre > 0), dz=dz, stats=sums)
+
+    exact, same = reference(torch.float64), reference(dtype)
+    out_rows = [dict(check="hidden split", output=f"G={groups}: repeat bit-identical", max_error="-",
+                     worst_excess="-", ok=groups > 1 and all(torch.equal(first[k], second[k]) for k in first))]
+    first["stats"] = first["stats"][:, 0]
+    out_rows += [dict(check="hidden split", **_compare(v.mode, RULES, name, first[name], exact[name], same[name]))
+                 for name in ("acts", "dpres", "dz", "stats")]
+    return out_rows
+
+
 DEEP_MODES = ("fp32", "bf16", "fp16")  # the deeper chain is checked at the first shape in these modes
 ENGINE_MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # the engine's losses and Adam: at the first shape
 
@@ -418,8 +474,8 @@ def stage_correctness(report: Report, device: torch.device) -> None:
                 cut = True
                 break
             for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps, check_drop_in,
-                          check_split):
-                if check in (check_deep, check_drop_in, check_split) and (
+                          check_split, check_hidden_split):
+                if check in (check_deep, check_drop_in, check_split, check_hidden_split) and (
                         v.shape != todo[0].shape or v.mode not in DEEP_MODES):
                     continue
                 if check is check_engine_steps and (v.shape != todo[0].shape or v.mode not in ENGINE_MODES):

@@ -19,6 +19,7 @@ from bench.gpu_check.report import Report, nvidia_smi, table
 
 TIMING_BATCHES = (128, 4096, 16384, 65536)
 TIMING_DTYPES = ("fp32", "tf32", "bf16")
+WIDE = dict(batches=(128,), dims=(784, 1024, 10))  # timed too: the row kernel's hidden split (8 groups on an H200)
 SEED_STEP_IMPLS = ("eager", "compile_default", "compile_reduce_overhead", "eager_cudagraph", "pyfused",
                    "fused_train_step", "fused_train_step_cudagraph")
 
@@ -247,8 +248,8 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
                     with observe(launched.append):
                         fn()
                     for i, one in enumerate(launched):
-                        row = dict(what=f"{what} launch {i + 1}: {one.name}", batch=batch, dtype=dtype_name,
-                                   grid=one.grid[0], median_us=f"{_do_bench(one.again):.2f}")
+                        row = dict(what=f"{what} launch {i + 1}: {one.name}", batch=batch, hidden=hidden,
+                                   dtype=dtype_name, grid=one.grid[0], median_us=f"{_do_bench(one.again):.2f}")
                         if guess and what == "FusedTrainStep" and i < 2:
                             row.update(_versus(float(row["median_us"]), guess[i]))
                         rows.append(row)
@@ -256,15 +257,15 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
                     elem = torch.finfo(dtype).bits // 8
                     flops, nbytes = roofline.work("train_step", batch, n_in, hidden, out, False, elem, 0.9)
                     bound = peak.bound_s(flops, nbytes, dtype_name) * 1e6 if peak else None
-                    rows.append(dict(what=f"{what} (whole call)", batch=batch, dtype=dtype_name, grid="",
+                    rows.append(dict(what=f"{what} (whole call)", batch=batch, hidden=hidden, dtype=dtype_name, grid="",
                                      median_us=f"{step_us:.2f}", roofline_us=f"{bound:.2f}" if bound else "n/a",
                                      x_roofline=f"{step_us / bound:.1f}" if bound else "n/a",
                                      **(_versus(step_us, guess[2]) if guess and what == "FusedTrainStep" else {})))
                 if device.type == "cuda":
                     step.capture(x, t)
                     captured = _do_bench(lambda: step(x, t))
-                    rows.append(dict(what="FusedTrainStep captured (whole call)", batch=batch, dtype=dtype_name,
-                                     grid="", median_us=f"{captured:.2f}",
+                    rows.append(dict(what="FusedTrainStep captured (whole call)", batch=batch, hidden=hidden,
+                                     dtype=dtype_name, grid="", median_us=f"{captured:.2f}",
                                      roofline_us=f"{bound:.2f}" if bound else "n/a",
                                      x_roofline=f"{captured / bound:.1f}" if bound else "n/a"))
     return rows
@@ -285,27 +286,30 @@ def stage_timings(report: Report, device: torch.device, **sizes) -> None:
     if any(r["status"] != "ok" and r["impl"].startswith(("pyfused", "fused")) for r in seed_rows):
         status = "fail"
     report.set("timings", "running", "seed step timed", lines)
-    launch_rows = time_launches(report, device, **sizes.get("launches", {}))
+    sweeps = [sizes.get("launches", {}), sizes.get("wide", WIDE)]
+    launch_rows = [r for sweep in sweeps for r in time_launches(report, device, **sweep)]
     report.rows("timings_launches", launch_rows)
-    lines += ["", "Each pyfused launch alone and the whole step (784 → 128 → 10, no bias, momentum 0.9), `do_bench`"
-              " medians; roofline = max(compulsory bytes / HBM bandwidth, FLOPs / dense peak) (bench/roofline.py);"
-              " predicted = bench/results/model/<gpu>.md (with bias), and measured / predicted, the model's error:",
+    lines += ["", "Each pyfused launch alone and the whole step (784 → hidden → 10, no bias, momentum 0.9), "
+              "`do_bench` medians; roofline = max(compulsory bytes / HBM bandwidth, FLOPs / dense peak) "
+              "(bench/roofline.py); predicted = bench/results/model/<gpu>.md (with bias), and measured / predicted, "
+              "the model's error:",
               ""]
-    lines += table(["what", "B", "dtype", "grid", "median µs", "roofline µs", "× roofline", "predicted µs",
-                    "measured / predicted"],
-                    [[r["what"], r["batch"], r["dtype"], r["grid"], r["median_us"], r.get("roofline_us", ""),
+    lines += table(["what", "B", "hidden", "dtype", "grid", "median µs", "roofline µs", "× roofline",
+                    "predicted µs", "measured / predicted"],
+                    [[r["what"], r["batch"], r["hidden"], r["dtype"], r["grid"], r["median_us"],
+                      r.get("roofline_us", ""),
                       r.get("x_roofline", ""), r.get("predicted_us", ""), r.get("measured_over_predicted", "")]
                      for r in launch_rows])
-    expected = len(sizes.get("launches", {}).get("batches", TIMING_BATCHES)) * len(
-        sizes.get("launches", {}).get("dtypes", TIMING_DTYPES))
-    done = len({(r["batch"], r["dtype"]) for r in launch_rows})
+    expected = sum(len(sweep.get("batches", TIMING_BATCHES)) * len(sweep.get("dtypes", TIMING_DTYPES))
+                   for sweep in sweeps)
+    done = len({(r["batch"], r["hidden"], r["dtype"]) for r in launch_rows})
     if done < expected and status == "pass":
         status = "cut short (budget)"
     best = next((r for r in seed_rows if r["impl"] == "fused_train_step_cudagraph" and r["median_us"]), None) or \
         next((r for r in seed_rows if r["impl"] == "fused_train_step" and r["median_us"]), None)
     summary = f"seed step {best['impl']} {best['median_us']} µs ({best['speedup_vs_eager']}× eager)" if best else \
         "no pyfused seed-step time"
-    report.set("timings", status, summary + f"; {done}/{expected} (B, dtype) points of the sweep", lines)
+    report.set("timings", status, summary + f"; {done}/{expected} (B, hidden, dtype) points of the sweep", lines)
 
 
 # ----------------------------------------------------------------------------------------------- 6. registers

@@ -1,0 +1,150 @@
+"""The hidden-layer split of the row kernel (G programs per row block share a two-layer net's hidden layer; the
+last to arrive sums the logit partials in group order): every output of the train step's row pass and of a
+module's forward against float64, bit identical from run to run, the grid and the counters; FusedTrainStep with
+a split against the eager loop; and how G is chosen."""
+import pytest
+import torch
+import triton
+
+import pyfused
+from pyfused.kernels import rows as R
+from pyfused.kernels.launch import COUNTERS, observe
+from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin
+
+B, N_IN, HIDDEN, N_OUT = 40, 24, 100, 5  # hidden 100: 7 slices of 16, the last one ragged
+CONFIG = dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=16, BLOCK_OUT=16, num_warps=4, num_stages=2)
+IGNORE = -100
+
+
+def _net(dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, w1, w2 = r(B, N_IN), r(HIDDEN, N_IN) / 5, r(N_OUT, HIDDEN) / 5
+    biases = [r(HIDDEN), r(N_OUT)] if bias else [None, None]
+    classes = torch.randint(0, N_OUT, (B,), generator=g)
+    classes[::7] = IGNORE
+    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return to(x), [to(w1), to(w2)], [to(b) for b in biases], classes.to(DEVICE), r(B, N_OUT).to(DEVICE, dtype)
+
+
+def _exact(x, weights, biases, activation, loss, classes, target):
+    """Float64 outputs of the row pass: activations, hidden gradient, unscaled dz, per-block (Σ loss, count),
+    log-probabilities (class) or logits (mse)."""
+    x, w1, w2 = (t.double() for t in (x, *weights))
+    b1, b2 = (torch.zeros(n, dtype=torch.float64, device=x.device) if b is None else b.double()
+              for b, n in zip(biases, (HIDDEN, N_OUT)))
+    pre = x @ w1.t() + b1
+    h = torch.relu(pre) if activation == "relu" else torch.sigmoid(pre)
+    z = h @ w2.t() + b2
+    if loss == "class":
+        y = torch.log_softmax(z, 1)
+        keep = classes != IGNORE
+        onehot = torch.nn.functional.one_hot(classes.clamp(min=0), N_OUT).double()
+        value = torch.where(keep, -(y * onehot).sum(1), 0.0)
+        dz = (y.exp() - onehot) * keep[:, None]
+        counted, out = keep.double(), y
+    else:
+        e = z - target.double()
+        counted = torch.full((B,), float(N_OUT), dtype=torch.float64, device=x.device)
+        value, dz, out = (e * e).sum(1), 2 * e, z
+    da = dz @ w2
+    dpre = da * (pre > 0) if activation == "relu" else da * h * (1 - h)
+    blocks = torch.arange(B, device=x.device) // CONFIG["BLOCK_M"]
+    n_blocks = triton.cdiv(B, CONFIG["BLOCK_M"])
+    stats = torch.stack([torch.zeros(n_blocks, dtype=torch.float64, device=x.device).index_add(0, blocks, v)
+                         for v in (value, counted)], 1)
+    return dict(acts=h, dpres=dpre, dz=dz, stats=stats, out=out)
+
+
+def _rows(x, weights, biases, activation, loss, classes, target, split, mode):
+    """One launch of the row kernel with G = ``split``: "step" (forward, loss and backward rows, as the train
+    step) or "forward" (a module's forward: activations and the head's output)."""
+    new = lambda *s: torch.empty(s, dtype=x.dtype, device=x.device)  # noqa: E731
+    acc = torch.promote_types(x.dtype, torch.float32)
+    outs = dict(acts=new(B, HIDDEN))
+    kwargs = dict(head="log_softmax" if loss == "class" else "logits", split=split, config=CONFIG)
+    if mode == "step":
+        outs.update(dpres=new(B, HIDDEN), dz=new(B, N_OUT),
+                    stats=torch.empty(triton.cdiv(B, CONFIG["BLOCK_M"]), 2, dtype=acc, device=x.device))
+        kwargs.update(loss=loss, target=classes if loss == "class" else target, dpres=[outs["dpres"]],
+                      dz=outs["dz"], stats=outs["stats"])
+    else:
+        outs["out"] = new(B, N_OUT)
+        kwargs["out"] = outs["out"]
+    seen = []
+    with observe(seen.append):
+        R.rows(x, weights, biases, (activation,), acts=[outs["acts"]], **kwargs)
+    return outs, seen
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("mode", ["step", "forward"])
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("loss,activation,bias", [("class", "relu", True), ("class", "sigmoid", False),
+                                                  ("mse", "relu", False), ("mse", "sigmoid", True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, loss, activation, bias, split,
+                                                                mode):
+    net = _net(dtype, bias)
+    ours, seen = _rows(*net[:3], activation, loss, *net[3:], split, mode)
+    exact = _exact(*net[:3], activation, loss, *net[3:])
+    for name, value in ours.items():
+        torch.testing.assert_close(value.double(), exact[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    again, _ = _rows(*net[:3], activation, loss, *net[3:], split, mode)
+    assert all(torch.equal(ours[name], again[name]) for name in ours)
+    groups = triton.cdiv(HIDDEN, triton.cdiv(triton.cdiv(HIDDEN, CONFIG["BLOCK_H"]), split) * CONFIG["BLOCK_H"])
+    assert seen[0].grid == (triton.cdiv(B, CONFIG["BLOCK_M"]) * groups,) and seen[0].kwargs["HSPLIT"]
+    counters = [c for (kernel, device, _), c in COUNTERS.items() if kernel == "rows" and device == net[0].device]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch leaves them at 0
+
+
+def test_no_split_without_a_forward_or_with_more_layers(kernels):
+    net = _net(torch.float64, True)
+    _, seen = _rows(*net[:3], "relu", "class", *net[3:], 1, "step")
+    assert seen[0].grid == (3,) and not seen[0].kwargs["HSPLIT"]
+    x, (w1, w2), (b1, b2) = net[0], net[1], net[2]
+    w_mid = torch.randn(HIDDEN, HIDDEN, dtype=x.dtype, device=x.device) / 10
+    acts = [x.new_empty(B, HIDDEN), x.new_empty(B, HIDDEN)]
+    seen = []
+    with observe(seen.append):  # three layers: the first hidden layer is the whole block's input: not split
+        R.rows(x, [w1, w_mid, w2], [b1, None, b2], ("relu", "relu"), acts=acts, out=x.new_empty(B, N_OUT),
+               split=3, config=CONFIG)
+    assert seen[0].grid == (3,) and not seen[0].kwargs["HSPLIT"]
+
+
+@pytest.mark.parametrize("loss,optimizer", [("nll", "sgd"), ("mse", "adam")])
+def test_train_step_with_a_hidden_split_matches_the_eager_loop(kernels, monkeypatch, loss, optimizer):
+    monkeypatch.setattr(R, "hidden_split", lambda *args, **kwargs: 2)
+    torch.manual_seed(0)
+    model = pyfused.DeepFusedMLP(9, 200, 4, device=DEVICE, log_softmax=loss == "nll")  # 2 slices of 128
+    ref = eager_twin(model)
+    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
+    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
+    step = pyfused.FusedTrainStep(model, opt, loss=loss)
+    seen = []
+    with observe(seen.append):
+        for x, t in batches(loss, 40, 9, 4, 3):
+            ours = step(x, t)
+            theirs = eager_loss(loss, ref(x), t)
+            theirs.backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+    assert [s.kwargs["HSPLIT"] for s in seen if s.name == "rows_kernel"] == [True] * 3
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_how_many_groups():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert R.hidden_split(8, 8, cuda, sm_count=132) == 8  # B = 128, hidden 1024: a group per slice
+    assert R.hidden_split(64, 8, cuda, sm_count=132, tensor_cores=False) == 3  # B = 1024 fp32: every SM busy
+    assert R.hidden_split(64, 8, cuda, sm_count=132) == 1  # TF32 / 16-bit: L2-bound there, the split costs more
+    assert R.hidden_split(33, 8, cuda, sm_count=132) == 4  # a quarter of the SMs
+    assert R.hidden_split(8, 1, cuda, sm_count=132) == 1  # hidden 128 in the train step: one slice
+    assert R.hidden_split(256, 8, cuda, sm_count=132) == 1  # the row blocks fill the GPU
+    assert R.hidden_split(8, 8, cpu) == 1  # the interpreter: never (tests force it)
