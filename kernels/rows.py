@@ -224,9 +224,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 —, 16 for
-      float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE); from LARGE_BATCH rows, 64-row tiles for
-      TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor
-      cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16);
+      float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
+      from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
+      weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
+      keeps 16);
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
@@ -324,8 +325,11 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     if forward and len(weights) == 2:
         if split is not None:
             groups = split
-        elif backward or precision == "tf32" or x.dtype.itemsize == 2:  # a forward only (a module's) in fp32
-            groups = hidden_split(n_blocks, n_slices, x.device, sm_count,  # IEEE or fp64 spills 4–20 B split
+        # not for float64 (24 B spills on sm_80 at 128 outputs; a correctness dtype), past 256 outputs (partials
+        # of 16 × 1024, more spills), nor for a forward only (a module's) in fp32 IEEE (4–20 B spills split)
+        elif x.dtype != torch.float64 and cfg["BLOCK_OUT"] <= 256 and (
+                backward or precision == "tf32" or x.dtype.itemsize == 2):
+            groups = hidden_split(n_blocks, n_slices, x.device, sm_count,
                                   tensor_cores=precision == "tf32" or x.dtype.itemsize == 2)
     group_cols = triton.cdiv(n_slices, max(groups, 1)) * cfg["BLOCK_H"]
     groups = triton.cdiv(widths[-2], group_cols)  # every group makes at least one slice
