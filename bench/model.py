@@ -109,7 +109,7 @@ def _split_of(case: gc.Case, result: dict) -> int:
     from pyfused.kernels.grads import split_count, tile_counts
 
     tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
-    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch])
+    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True)
 
 
 def model(device: str) -> list[dict]:

@@ -214,7 +214,7 @@ def grads_kernel(
             tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
 
-WIDE_FROM = 4096  # rows past which the train step's tiles are 32 columns wide (half the re-reads of D_i from L2)
+WIDE_FROM = 4096  # rows past which the train step's tiles are wider (fewer re-reads of D_i from L2)
 
 
 def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, precision: str = "ieee") -> dict:
@@ -224,12 +224,13 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps; dx tiles 32 × 32.
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
-      SM-starved launch), 32 columns past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction
-      fills the GPU and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``; fp32
-      IEEE is FMA-bound there, and its update epilogue at 32 columns spills on sm_80); ``"update"`` with K steps of 32
-      and 4 warps, ``"accumulate"`` with K steps of 16 and 8 warps (the other pairings spill a few bytes in the
-      epilogue). The statistics are summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up
-      to 256 for large batches.
+      SM-starved launch); past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction fills the GPU
+      and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) 64 columns and 8 warps
+      for ``"update"`` (a quarter of the re-reads; 4 warps spill 36–1736 B there), 32 for ``"accumulate"`` (64
+      spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
+      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns, ``"accumulate"`` with
+      K steps of 16 and 8 warps (the other pairings spill a few bytes in the epilogue). The statistics are
+      summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
     """
     last = len(widths) - 2
     if epilogue == "store":
@@ -239,9 +240,11 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
+    wide = n_rows > WIDE_FROM and wide_ok
+    block_n = (64 if update else 32) if wide else 16
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=32 if n_rows > WIDE_FROM and wide_ok else 16, BLOCK_K=32 if update else 16, BLOCK_DX=32,
-                BLOCK_R=block_r, num_warps=4 if update else 8, num_stages=2)
+                BLOCK_N=block_n, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
+                num_warps=4 if update and block_n < 64 else 8, num_stages=2)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
@@ -249,19 +252,23 @@ MAX_SLICE_ROWS = 4096  # and at most this many: the dependent K-steps of one pro
 MAX_SPLIT = 64
 
 
-def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None) -> int:
+def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None,
+                whole_waves: bool = False) -> int:
     """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
-    leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over and no slice longer than
-    MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic
-    would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of
-    that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs
-    one after another, and tests pass ``split`` to :func:`grads` to take the split path there."""
+    leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over — with ``whole_waves``
+    (the train step: 1–2 resident programs per SM, and its loss program) no more than fit two waves, since a
+    third wave of a few programs costs a whole chain — and no slice longer than MAX_SLICE_ROWS, none shorter
+    than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic would cost more than the
+    parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of that many SMs (the compile
+    report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs one after another, and tests
+    pass ``split`` to :func:`grads` to take the split path there."""
     sm_count = sms(device, sm_count)
     if sm_count is None:
         return 1
     if n_tiles == 0 or n_tiles >= sm_count:
         return 1
-    want = max(triton.cdiv(2 * sm_count, n_tiles), triton.cdiv(n_rows, MAX_SLICE_ROWS))
+    fill = (2 * sm_count - 1) // n_tiles if whole_waves else triton.cdiv(2 * sm_count, n_tiles)
+    want = max(fill, triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
 
 
@@ -295,7 +302,7 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     cfg = grads_config(n_rows, widths, x.dtype, epilogue, precision)
     tiles = tile_counts(widths, cfg, need)
     if split is None:
-        split = split_count(n_rows, sum(tiles), x.device, sm_count)
+        split = split_count(n_rows, sum(tiles), x.device, sm_count, whole_waves=epilogue != "store")
     splits = (split,) * n_layers if isinstance(split, int) else tuple(split)
     # rows per slice, a multiple of BLOCK_K (each slice's K loop is whole steps), and the S that covers B
     chunks = tuple(triton.cdiv(triton.cdiv(max(n_rows, 1), s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits)

@@ -142,8 +142,8 @@ def test_capture_records_the_launchers_own_config():
     cfg = grads_config(16384, (784, 128, 10), torch.float32, "update")
     tiles = [triton.cdiv(m, cfg["BLOCK_MS"][i]) * triton.cdiv(n, cfg["BLOCK_N"])
              for i, (m, n) in enumerate(((128, 784), (10, 128)))]
-    split = split_count(16384, sum(tiles), torch.device("cuda"), gc.SM_COUNTS["sm_90"])
-    assert split == 5 and launch.kwargs["SPLIT"] == (True, True)  # 58 tiles (fp32 IEEE: 16 columns) for 132 SMs
+    split = split_count(16384, sum(tiles), torch.device("cuda"), gc.SM_COUNTS["sm_90"], whole_waves=True)
+    assert split == 4 and launch.kwargs["SPLIT"] == (True, True)  # 58 tiles (fp32 IEEE: 16 columns) for 132 SMs
     assert launch.grid == (sum(tiles) * split + 1,)  # and the loss program
     launch = gc.capture(gc.Case("step_grads", "sm_90", "fp32", True, extra_hidden=(64,)))
     assert launch.kwargs["N_LAYERS"] == 3 and launch.kwargs["EPILOGUE"] == "update"

@@ -100,3 +100,6 @@ def test_how_many_slices():
     assert G.split_count(65536, 229, cuda, sm_count=132) == 1  # hidden 1024: the tiles fill the GPU already
     assert G.split_count(1 << 22, 58, cuda, sm_count=132) == G.MAX_SPLIT
     assert G.split_count(65536, 58, cpu) == 1  # the interpreter: never (tests force it)
+    # the train step's update (8 warps, 1 program per SM) and its loss program: no third wave for a few programs
+    assert G.split_count(16384, 15, cuda, sm_count=132) == 18  # 271 programs: a module's backward fills more
+    assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True) == 17  # 256 of 264

@@ -203,12 +203,13 @@ def test_momentum_state_interchanges_with_torch_sgd(backend):
     check_same(model, opt, ref, ref_opt)
 
 
-@pytest.mark.parametrize("tiles", ["16 rows", "64 rows"])
+@pytest.mark.parametrize("tiles", ["16 rows", "64 rows", "wide gradient tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_step(backend, dtype, tiles, monkeypatch):
     """Two steps in half precision against fp64 and same-dtype eager, by the flash-attention rule
     |ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol, on the losses, parameters and momentum buffers; with the
-    row kernel's small-batch tiles and its large-batch (64-row) tiles, forced at 40 rows (one ragged block)."""
+    row kernel's small-batch tiles and its large-batch (64-row) tiles, forced at 40 rows (one ragged block), and
+    the gradient kernel's large-batch tiles (64 columns, 8 warps) likewise."""
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 (pyfused refuses it)")
     if tiles == "64 rows":
@@ -218,6 +219,13 @@ def test_half_precision_step(backend, dtype, tiles, monkeypatch):
 
         monkeypatch.setattr(rows, "LARGE_BATCH", 32)
         assert rows.rows_config(40, (24, 32, 10), dtype, forward=True, backward=True)["BLOCK_M"] == 64
+    if tiles == "wide gradient tiles":
+        if backend == "torch":
+            pytest.skip("the kernels' tiles")
+        from pyfused.kernels import grads
+
+        monkeypatch.setattr(grads, "WIDE_FROM", 32)
+        assert grads.grads_config(40, (24, 32, 10), dtype, "update")["BLOCK_N"] == 64
     model, ref = pair(24, 32, 10, True)
     model.to(dtype)
     refs = {d: copy.deepcopy(ref).to(d) for d in (dtype, torch.float64)}
