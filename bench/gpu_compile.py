@@ -176,14 +176,19 @@ def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[C
     """Sizes swept one at a time around the seed (batch 1..65536, in 16..4096, hidden 16..1024, out 2..1024)
     plus the two corners, for every kernel, arch and mode, with bias. The values are those where a config
     function or Triton's specialisation changes (1, sizes not divisible by 16, the 4096-row threshold,
-    block caps), not a grid: the other sizes compile to one of these kernels."""
+    block caps), not a grid: the other sizes compile to one of these kernels. The row kernel's variants only up
+    to the outputs it takes in the mode's dtype (:func:`pyfused.kernels.rows.max_out`: wider nets take the torch
+    path)."""
+    from pyfused.kernels.rows import max_out
+
     rows, n_in, hidden, out = SEED
     shapes = ([(b, n_in, hidden, out) for b in (1, 100, 4097, 65536)]
               + [(rows, i, hidden, out) for i in (16, 4096)]
               + [(rows, n_in, h, out) for h in (16, 1024)]
-              + [(rows, n_in, hidden, o) for o in (2, 128, 256, 1024)]
+              + [(rows, n_in, hidden, o) for o in (2, 128, 256, 512, 1024)]
               + [(1, 16, 16, 2), (65536, 4096, 1024, 1024)])
-    return [Case(k, a, m, True, *s) for s in shapes for k in kernels for a in archs for m in modes]
+    return [Case(k, a, m, True, *s) for s in shapes for k in kernels for a in archs for m in modes
+            if ALL_KERNELS[k][0] != "rows" or s[3] <= max_out(_dtype(m))]
 
 
 @dataclasses.dataclass

@@ -46,7 +46,15 @@ from .launch import acc_dtype, arrival_counters, dot_block, dot_precision, launc
 from .launch import sm_count as sms
 from .layers import grad_slice, layer_input, linear_slice
 
-MAX_OUT = 1024
+MAX_OUT = 1024  # the widest logits tile (16-bit dtypes); see max_out
+
+
+def max_out(dtype: torch.dtype) -> int:
+    """The most output features the row kernel takes for ``dtype``: its logits tile (``BLOCK_M × out``) stays in
+    registers and shared memory — 1024 for 16-bit dtypes, 512 for float32 (the train step at 1024 spills 8–168 B
+    on sm_80 and sm_90), 256 for float64 (at 512 it spills 72–92 B; at 1024 it needs 258 KB of shared memory, more
+    than an SM has). Wider nets take the torch path (:func:`pyfused.backend.use_triton`)."""
+    return MAX_OUT >> {8: 2, 4: 1}.get(dtype.itemsize, 0)
 
 
 @triton.jit
@@ -312,9 +320,9 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     """
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
-    if widths[-1] > MAX_OUT:
-        raise ValueError(f"the Triton kernels take out_features <= {MAX_OUT}, got {widths[-1]}; use "
-                         "PYFUSED_BACKEND=torch")
+    if widths[-1] > max_out(x.dtype):
+        raise ValueError(f"the Triton kernels take out_features <= {max_out(x.dtype)} in {x.dtype}, got "
+                         f"{widths[-1]}; use PYFUSED_BACKEND=auto or torch")
     backward = dpres is not None
     precision = dot_precision(x.dtype, x.device)
     cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)

@@ -33,8 +33,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
-def use_triton(device: torch.device, dtype: torch.dtype | None = None) -> bool:
-    """Whether tensors on ``device`` (of ``dtype``) go through the Triton kernels (True) or the torch path.
+def use_triton(device: torch.device, dtype: torch.dtype | None = None, n_out: int | None = None) -> bool:
+    """Whether tensors on ``device`` (of ``dtype``, for a net of ``n_out`` output features) go through the Triton
+    kernels (True) or the torch path. ``auto`` sends a net wider than the kernels take
+    (:func:`pyfused.kernels.rows.max_out`: 1024 outputs in 16-bit dtypes, 512 in float32, 256 in float64) to the
+    torch path; ``triton`` keeps it on the kernels, which raise ValueError before any launch.
 
     Raises RuntimeError, before anything runs, when ``PYFUSED_BACKEND=triton`` is asked for tensors that
     the kernels cannot take: CPU tensors without the interpreter, or bfloat16 under the interpreter (which
@@ -44,6 +47,10 @@ def use_triton(device: torch.device, dtype: torch.dtype | None = None) -> bool:
     if name == "torch":
         return False
     if device.type == "cuda":
+        if name == "auto" and n_out is not None and n_out > 256 and dtype is not None:
+            from pyfused.kernels.rows import max_out
+
+            return n_out <= max_out(dtype)
         return True
     if name == "auto":
         return False
@@ -64,8 +71,13 @@ def _engines():
     return KernelEngine(), TorchEngine()
 
 
-def engine(device: torch.device, dtype: torch.dtype | None = None):
+def engine(device: torch.device, dtype: torch.dtype | None = None, n_out: int | None = None):
     """The engine of the fused ops for tensors on ``device`` (:mod:`pyfused.engines`): the Triton kernels or the
     pure-torch twins, by :func:`use_triton`."""
     kernels, twins = _engines()
-    return kernels if use_triton(device, dtype) else twins
+    return kernels if use_triton(device, dtype, n_out) else twins
+
+
+def engine_for(x: torch.Tensor, w_last: torch.Tensor):
+    """:func:`engine` for input ``x`` of a net whose last weight is ``w_last`` (its rows: the output features)."""
+    return engine(x.device, x.dtype, w_last.shape[0])

@@ -32,7 +32,7 @@ def mlp(x: Tensor, target: Optional[Tensor], weights: list[Tensor], biases: list
         head: str, loss: str, reduction: str, ignore_index: int) -> tuple[Tensor, list[Tensor]]:
     """(output or loss, saved tensors of the backward: hidden activations, g, count)."""
     spec = _spec(activations, biases, head, loss, reduction, ignore_index)
-    out, saved = backend.engine(x.device, x.dtype).forward(x, weights, [b if b.numel() else None for b in biases],
+    out, saved = backend.engine_for(x, weights[-1]).forward(x, weights, [b if b.numel() else None for b in biases],
                                                            target, spec, True)
     return out, list(saved)
 
@@ -60,7 +60,7 @@ def mlp_backward(x: Tensor, target: Optional[Tensor], weights: list[Tensor], sav
     """[dx, dw_1, db_1, …, dw_L, db_L], empty tensors for those not made (``needs``: the flags of x and each
     parameter)."""
     spec = Spec(tuple(activations.split(",")), tuple(has_bias), head, loss, reduction, ignore_index)
-    grads = backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, spec, needs)
+    grads = backend.engine_for(x, weights[-1]).backward(x, weights, target, saved, dout, spec, needs)
     return [x.new_empty(0) if g is None else g for g in grads]
 
 

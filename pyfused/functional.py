@@ -59,7 +59,7 @@ def _backward(ctx, dout, *_):
     if torch.is_grad_enabled():  # create_graph=True (torch.func.grad too): a node that refuses differentiation
         grads = FusedBackward.apply(x, target, ctx.spec, needs, dout, n_layers, *weights, *saved)
     else:
-        grads = backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, ctx.spec, needs)
+        grads = backend.engine_for(x, weights[-1]).backward(x, weights, target, saved, dout, ctx.spec, needs)
     return (grads[0], None, None, *grads[1:])
 
 
@@ -70,7 +70,7 @@ class FusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, target, spec, *params):
-        out, saved = backend.engine(x.device, x.dtype).forward(x, params[0::2], params[1::2], target, spec, True)
+        out, saved = backend.engine_for(x, params[-2]).forward(x, params[0::2], params[1::2], target, spec, True)
         _save(ctx, (x, target, spec, *params), out, saved)
         return out
 
@@ -84,7 +84,7 @@ class TransformableFusedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, target, spec, *params):
-        out, saved = backend.engine(x.device, x.dtype).forward(x, params[0::2], params[1::2], target, spec, True)
+        out, saved = backend.engine_for(x, params[-2]).forward(x, params[0::2], params[1::2], target, spec, True)
         return (out, *saved)
 
     @staticmethod
@@ -121,7 +121,7 @@ class FusedBackward(torch.autograd.Function):
     @staticmethod
     def forward(x, target, spec, needs, dout, n_layers, *tensors):
         weights, saved = tensors[:n_layers], tensors[n_layers:]
-        return backend.engine(x.device, x.dtype).backward(x, weights, target, saved, dout, spec, needs)
+        return backend.engine_for(x, weights[-1]).backward(x, weights, target, saved, dout, spec, needs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -172,7 +172,7 @@ def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", t
     if amp is not None:
         x, weights, biases = _cast(x, amp), [_cast(w, amp) for w in weights], [_cast(b, amp) for b in biases]
         out_dtype = autocast_out_dtype(x.device.type, amp, head, loss)
-        if not backend.use_triton(x.device, x.dtype):
+        if not backend.use_triton(x.device, x.dtype, weights[-1].shape[0]):
             return _shaped(_eager(x.reshape(-1, x.shape[-1]), weights, biases, activations, head, loss,
                                   _flat_target(target, loss, weights), reduction, ignore_index),
                            x, target, loss, reduction, weights[-1].shape[0])
@@ -191,8 +191,8 @@ def fused(x, weights, biases, activations, *, head="log_softmax", loss="none", t
         grad = transformed or (torch.is_grad_enabled() and (
             x.requires_grad or _any_requires_grad(weights) or _any_requires_grad(biases)))
         if not grad:  # inference: the forward alone, nothing kept (a Function's needs_input_grad ignores no_grad)
-            out = backend.engine(x.device, x.dtype).forward(flat, weights, biases, flat_target, spec, False)[0]
-        elif not backend.use_triton(x.device, x.dtype):
+            out = backend.engine_for(x, weights[-1]).forward(flat, weights, biases, flat_target, spec, False)[0]
+        elif not backend.use_triton(x.device, x.dtype, weights[-1].shape[0]):
             # the torch path: eager's own ops, recorded by autograd (and torch.func) natively — the same bits as
             # the engine's twins behind a Function, ~30 µs sooner per step; double backward and every transform work
             out = _eager(flat, weights, biases, activations, head, loss, flat_target, reduction, ignore_index)

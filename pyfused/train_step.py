@@ -117,7 +117,7 @@ class FusedTrainStep:
         """One training step on ``x`` (B, in) and ``target`` (B,) or, for MSE, (B, out); returns the loss (0-dim,
         no sync)."""
         self._check(x, target)
-        kernels = backend.use_triton(x.device, x.dtype)
+        kernels = backend.use_triton(x.device, x.dtype, self.widths[-1])
         if kernels and x.device.type == "cpu" and self.kind == "class":
             checks.check_target_range(target, self.widths[-1], self.ignore_index)
         path = self._path(kernels)
@@ -161,8 +161,10 @@ class FusedTrainStep:
         if self.accumulating:
             raise RuntimeError("capture() records the single-process step without accumulation; this step has "
                                "a process group or accumulation_steps > 1")
-        if x_example.device.type != "cuda" or not backend.use_triton(x_example.device, x_example.dtype):
-            raise RuntimeError("capture() needs CUDA tensors on the Triton path")
+        if x_example.device.type != "cuda" or not backend.use_triton(x_example.device, x_example.dtype,
+                                                                     self.widths[-1]):
+            raise RuntimeError("capture() needs CUDA tensors on the Triton path (out_features within the kernels' "
+                               "limit: pyfused.kernels.rows.max_out)")
         if x_example.shape[0] == 0:
             raise ValueError("capture() needs a non-empty example batch")
         with torch.cuda.device(self.device):  # streams, graph and launches on the parameters' GPU
@@ -223,7 +225,7 @@ class FusedTrainStep:
         """The update of the r batches accumulated: all-reduce (sum) of the gradient sums over the process group,
         then the optimizer from ``sums · accumulation_steps / r``."""
         k, r = self.accumulation_steps, self._calls
-        kernels = backend.use_triton(self.device, self.dtype)
+        kernels = backend.use_triton(self.device, self.dtype, self.widths[-1])
         views = self._sums_views(kernels)
         flat = self.flat_grad if views is self._views else self._sums[0]
         if self.process_group is not None:

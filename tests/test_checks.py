@@ -67,3 +67,31 @@ def test_bad_activation(args):
         pyfused.fused_mlp(**kw, activation="Sigmoid")
     with pytest.raises(TypeError, match="activation must be a str"):
         pyfused.FusedMLP(3, 4, 2, activation=None)
+
+
+@pytest.mark.parametrize("dtype,limit", [(torch.float16, 1024), (torch.bfloat16, 1024), (torch.float32, 512),
+                                         (torch.float64, 256)])
+def test_wider_nets_than_the_kernels_take_go_to_the_torch_path(monkeypatch, dtype, limit):
+    """``auto`` on CUDA: the kernels up to ``max_out`` outputs, the torch path past it (decided from the device
+    object: no GPU needed); ``triton`` keeps the kernels, which refuse before any launch."""
+    from pyfused import backend
+    from pyfused.kernels.rows import max_out
+
+    assert max_out(dtype) == limit
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("PYFUSED_BACKEND", "auto")
+    assert backend.use_triton(cuda, dtype, limit) and not backend.use_triton(cuda, dtype, limit + 1)
+    assert backend.engine(cuda, dtype, limit + 1) is backend.engine(torch.device("cpu"), dtype)  # the twins
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+    assert backend.use_triton(cuda, dtype, limit + 1)
+
+
+def test_the_kernels_refuse_a_net_wider_than_they_take(monkeypatch):
+    monkeypatch.setenv("PYFUSED_BACKEND", "triton")
+    x, w1, b1 = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
+    w2, b2 = torch.randn(513, 5), torch.randn(513)
+    with pytest.raises(ValueError, match=r"out_features <= 512 in torch.float32, got 513"):
+        pyfused.fused_mlp(x, w1, b1, w2, b2)
+    monkeypatch.setenv("PYFUSED_BACKEND", "auto")  # CPU: the torch path, whatever the width
+    torch.testing.assert_close(pyfused.fused_mlp(x, w1, b1, w2, b2),
+                               torch.log_softmax(torch.relu(x @ w1.t() + b1) @ w2.t() + b2, -1))

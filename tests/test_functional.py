@@ -134,8 +134,8 @@ def test_no_grad_inference_keeps_nothing(backend, monkeypatch):
     kept = []
     real = backend_mod.engine
 
-    def spying_engine(device, dtype=None):
-        engine = real(device, dtype)
+    def spying_engine(device, dtype=None, n_out=None):
+        engine = real(device, dtype, n_out)
 
         def forward(*args):
             kept.append(args[-1])

@@ -20,10 +20,11 @@ from bench import gpu_compile as gc
 SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
 OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
           if c.mode in ("fp32", "bf16") and c.bias and c.activation == "relu"]
-SAMPLE = [  # the extremes of the sweep: fp32 IEEE (FMA, no tensor cores) and bf16 (mma / wgmma)
+SAMPLE = [  # the extremes of the sweep: fp32 IEEE (FMA, no tensor cores: 512 outputs at most) and bf16 (wgmma)
     gc.Case(kernel, arch, mode, True, *shape)
     for kernel in ("forward_loss", "rows_loss", "grads", "step_rows", "step_grads")
-    for arch, mode, shape in (("sm_90", "fp32", (65536, 4096, 1024, 1024)), ("sm_80", "bf16", (1, 16, 16, 2)))
+    for arch, mode, shape in (("sm_90", "fp32", (65536, 4096, 1024, 512)), ("sm_90", "bf16", (65536, 4096, 1024, 1024)),
+                              ("sm_80", "bf16", (1, 16, 16, 2)))
 ]
 SPLIT = [  # the split weight-gradient reduction (large B), every epilogue, in the modes that differ in code
     gc.Case(kernel, arch, mode, True, 16384, 784, 128, 10)
