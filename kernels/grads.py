@@ -228,9 +228,10 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) 64 columns and 8 warps
       for ``"update"`` (a quarter of the re-reads; 4 warps spill 36–1736 B there), 32 for ``"accumulate"`` (64
       spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
-      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns, ``"accumulate"`` with
-      K steps of 16 and 8 warps (the other pairings spill a few bytes in the epilogue). The statistics are
-      summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
+      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns (8 warps there spill
+      in bf16 on sm_80 at 9 shapes of the report, 4 warps at 4: 4–8 B), ``"accumulate"`` with K steps of 16 and
+      8 warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
+      blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
     """
     last = len(widths) - 2
     if epilogue == "store":

@@ -227,12 +227,12 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     bench.compile_report`` (sm_80, sm_90): no spills at the seed shape, shared memory within bounds over the sweep.
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
-      fp32 at 32 rows spills), K steps of 32, hidden slices of up to 64 with a w_L tile of at most 4096 elements,
-      4 warps (8 past 256 outputs), 3 stages (2 for fp64);
+      fp32 at 32 rows spills), K steps of 32 (16 for fp32 IEEE and fp64), hidden slices of up to 64 with a w_L
+      tile of at most 4096 elements, 4 warps (8 past 256 outputs), 3 stages (2 for fp64);
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
-      49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 —, 16 for
-      float64 (32 with more than one hidden layer), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
+      49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 —, 32 for
+      float64 (16 spill 8 B at B = 1), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
       from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
       weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
       keeps 16);
@@ -247,8 +247,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         if n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide:
             return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
                         BLOCK_OUT=block_out, num_warps=8, num_stages=2)
-        if dtype == torch.float64:  # a chain of hidden layers: K steps of 32 (16 spill a few bytes on sm_90)
-            block_k = 32 if len(widths) > 3 else 16
+        if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
+            block_k = 32
         elif not half and any(n % 16 for n in widths[1:-1]):  # unaligned fp32 tiles (the course's 100): 32 and
             block_k = 16  # 64 spill 4-12 B on sm_90
         else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
@@ -262,7 +262,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
         fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
-        return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if fp64 else 32), BLOCK_H=block_h,
+        # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
+        # fp32 forward variants of the report with Triton 3.8, 9 with 3.6; at 16, 0 and 6 (2 stages: 13 and 12)
+        ieee = dtype.itemsize >= 4 and precision != "tf32"
+        return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if ieee else 32), BLOCK_H=block_h,
                     BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=2 if fp64 else 3)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
                 num_warps=8 if wide else 4, num_stages=2)

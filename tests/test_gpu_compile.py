@@ -125,7 +125,7 @@ def test_capture_records_the_launchers_own_config():
 
     rows, n_in, hidden, out = 4097, 784, 256, 300
     launch = gc.capture(gc.Case("forward_loss", "sm_90", "tf32", False, rows, n_in, hidden, out))
-    cfg = rows_config(rows, (n_in, hidden, out), torch.float32, forward=True, backward=False)
+    cfg = rows_config(rows, (n_in, hidden, out), torch.float32, forward=True, backward=False, precision="tf32")
     assert {k: launch.kwargs[k] for k in cfg} == cfg
     assert launch.grid == (triton.cdiv(rows, cfg["BLOCK_M"]),)
     assert launch.kwargs["HAS_BIAS"] == (False, False) and launch.kwargs["LOSS"] == "class"
