@@ -8,8 +8,8 @@ Each launch's grid and configuration are the launchers' own (:func:`bench.gpu_co
 shared memory and resident blocks per SM those of Triton's compile for the device's architecture
 (:func:`bench.gpu_compile.compile_cases`). Its time is the largest of five terms, each a floor, plus a launch:
 
-- **math**: its FLOPs at the dtype's dense peak (:mod:`bench.roofline`) scaled by the share of SMs it occupies
-  (``min(grid, SMs) / SMs``);
+- **math**: its FLOPs at the dtype's dense peak (:mod:`bench.roofline`), each SM doing its programs' share:
+  ``× SMs · ⌈grid / SMs⌉ / grid`` (the SMs a small grid leaves idle, the tail of a last partial wave);
 - **chain**: the dependent K-steps of one program (the reduction loop — with G > 1, the program's share of the
   hidden slices, then on the last one the G partials and every slice's backward —; the statistics loop of the update
   epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
@@ -80,7 +80,7 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
         l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * math.ceil(B / 16)
         hbm = s * B * (N_IN + h + N_OUT) + s * 4 * params  # x, h, dpre, dz once; p, momentum in and out
     terms = {
-        "math": flops / (peak.flops[mode] * min(grid, sms) / sms) * 1e6,
+        "math": flops / peak.flops[mode] * sms * math.ceil(grid / sms) / grid * 1e6,
         "chain": waves * chain * STEP_NS * 1e-3,
         "L2": l2 / (L2_TBPS * 1e12) * 1e6,
         "HBM": hbm / peak.bandwidth * 1e6,
@@ -109,7 +109,8 @@ def _split_of(case: gc.Case, result: dict) -> int:
     from pyfused.kernels.grads import split_count, tile_counts
 
     tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
-    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True)
+    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
+                       tensor_cores=case.mode in ("tf32", "bf16", "fp16"))
 
 
 def model(device: str) -> list[dict]:

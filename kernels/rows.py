@@ -283,21 +283,22 @@ def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True
 def hidden_split(n_blocks: int, n_slices: int, device: torch.device, sm_count: int | None = None,
                  tensor_cores: bool = True) -> int:
     """G, the programs that share each row block's last hidden layer (``n_slices`` slices of BLOCK_H) in a launch
-    with a forward (two layers): when the ``n_blocks`` row blocks leave SMs idle (small B), enough groups to
-    give every SM a program, at most one per slice. With ``tensor_cores`` (TF32, 16-bit dtypes) only while the
-    blocks occupy at most a quarter of the SMs: past that the launch is bound by L2 (each block streams the
-    whole of w_1) and the split's extra traffic (x read by each of the G programs, the partials) would cost more
-    than its shorter chain brings (B = 1024, hidden 1024, TF32: 24.2 → 25.3 µs predicted); FMA-bound fp32 IEEE
-    and float64 split while any SM is idle. Each of a block's G programs makes ``⌈n_slices / G⌉``
-    slices and their logit partials; the last to arrive sums the partials in group order (:func:`pyfused.kernels.
-    gemm.split_reduce`) and runs the head, the loss and the backward rows for all of the layer — the dependent
-    K-steps of the block's chain drop from ``n_slices·(⌈n_0/BLOCK_K⌉ + 2)`` to about ``⌈n_slices/G⌉·(⌈n_0/
-    BLOCK_K⌉ + 1) + G + n_slices`` (``python -m bench.model``). ``sm_count`` stands for a GPU of that many SMs;
-    without it, 1 off CUDA (the interpreter runs programs one after another: tests pass ``split``)."""
+    with a forward (two layers): when the ``n_blocks`` row blocks leave SMs idle (small B), enough groups to give
+    every SM a program in one wave (a second wave of a few programs would cost a whole chain), at most one per
+    slice. With ``tensor_cores`` (TF32, 16-bit dtypes) only while the blocks occupy at most a quarter of the SMs:
+    past that the launch is bound by L2 (each block streams the whole of w_1) and the split's extra traffic (x
+    read by each of the G programs, the partials) would cost more than its shorter chain brings (B = 1024, hidden
+    1024, TF32: 24.2 → 25.3 µs predicted); FMA-bound fp32 IEEE splits while the blocks leave half of the SMs
+    idle. Each of a block's G programs makes ``⌈n_slices / G⌉`` slices and their logit partials; the last to
+    arrive sums the partials in group order (:func:`pyfused.kernels.gemm.split_reduce`) and runs the head, the
+    loss and the backward rows for all of the layer — the dependent K-steps of the block's chain drop from
+    ``n_slices·(⌈n_0/BLOCK_K⌉ + 2)`` to about ``⌈n_slices/G⌉·(⌈n_0/BLOCK_K⌉ + 1) + G + n_slices`` (``python -m
+    bench.model``). ``sm_count`` stands for a GPU of that many SMs; without it, 1 off CUDA (the interpreter runs
+    programs one after another: tests pass ``split``)."""
     sm_count = sms(device, sm_count)
-    if sm_count is None or n_slices < 2 or n_blocks * (4 if tensor_cores else 1) > sm_count:
+    if sm_count is None or n_slices < 2 or n_blocks * (4 if tensor_cores else 2) > sm_count:
         return 1
-    return min(n_slices, triton.cdiv(sm_count, n_blocks))
+    return min(n_slices, sm_count // n_blocks)  # one wave: a second one for a few programs costs a whole chain
 
 
 def _pairs(tensors, stand_in):
@@ -342,8 +343,12 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
                 backward or precision == "tf32" or x.dtype.itemsize == 2):
             groups = hidden_split(n_blocks, n_slices, x.device, sm_count,
                                   tensor_cores=precision == "tf32" or x.dtype.itemsize == 2)
-    group_cols = triton.cdiv(n_slices, max(groups, 1)) * cfg["BLOCK_H"]
-    groups = triton.cdiv(widths[-2], group_cols)  # every group makes at least one slice
+    group_cols = max(n_slices, 1) * cfg["BLOCK_H"]
+    if groups > 1 and n_slices > 1:
+        group_cols = triton.cdiv(n_slices, groups) * cfg["BLOCK_H"]
+        groups = triton.cdiv(widths[-2], group_cols)  # every group makes at least one slice
+    else:
+        groups = 1
     parts = counters = any_buffer
     if groups > 1:
         parts = torch.empty(n_blocks * groups * cfg["BLOCK_M"] * (cfg["BLOCK_OUT"] + 1), device=x.device,

@@ -5,6 +5,7 @@ import torch
 import pyfused
 
 from test_functional import make
+from utils import DEVICE
 
 
 @pytest.fixture
@@ -87,11 +88,36 @@ def test_wider_nets_than_the_kernels_take_go_to_the_torch_path(monkeypatch, dtyp
 
 
 def test_the_kernels_refuse_a_net_wider_than_they_take(monkeypatch):
+    """``triton``: ValueError before any launch; ``auto``: the torch path (on CUDA because of the width)."""
     monkeypatch.setenv("PYFUSED_BACKEND", "triton")
-    x, w1, b1 = torch.randn(4, 6), torch.randn(5, 6), torch.randn(5)
-    w2, b2 = torch.randn(513, 5), torch.randn(513)
+    x, w1, b1 = (torch.randn(*s, device=DEVICE) for s in ((4, 6), (5, 6), (5,)))
+    w2, b2 = torch.randn(513, 5, device=DEVICE), torch.randn(513, device=DEVICE)
     with pytest.raises(ValueError, match=r"out_features <= 512 in torch.float32, got 513"):
         pyfused.fused_mlp(x, w1, b1, w2, b2)
-    monkeypatch.setenv("PYFUSED_BACKEND", "auto")  # CPU: the torch path, whatever the width
+    monkeypatch.setenv("PYFUSED_BACKEND", "auto")
     torch.testing.assert_close(pyfused.fused_mlp(x, w1, b1, w2, b2),
                                torch.log_softmax(torch.relu(x @ w1.t() + b1) @ w2.t() + b2, -1))
+
+
+def test_every_fused_call_asks_the_backend_with_its_output_width(monkeypatch):
+    """The forward and the backward of the ops, the modules and FusedTrainStep pick their engine for the net's
+    output width (the same in both: their saved tensors differ between engines)."""
+    from pyfused import backend
+
+    widths, real = [], backend.use_triton
+
+    def spy(device, dtype=None, n_out=None):
+        widths.append(n_out)
+        return real(device, dtype, n_out)
+
+    monkeypatch.setattr(backend, "use_triton", spy)
+    x, w1, b1, w2, b2, target = make((4,), 6, 5, 3, True, device=DEVICE)
+    pyfused.fused_mlp_nll(x, w1, b1, w2, b2, target).backward()
+    pyfused.fused_mlp(x, w1, b1, w2, b2).sum().backward()
+    with torch.no_grad():
+        pyfused.fused_mlp(x, w1, b1, w2, b2)
+    model = pyfused.FusedMLP(6, 5, 3, device=DEVICE)
+    model.nll_loss(x.detach(), target).backward()
+    step = pyfused.FusedTrainStep(model, pyfused.FusedSGD(model.parameters(), lr=0.1))
+    step(x.detach(), target)
+    assert widths and set(widths) == {3}, widths

@@ -102,11 +102,23 @@ def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, 
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch leaves them at 0
 
 
-def test_no_split_without_a_forward_or_with_more_layers(kernels):
+def test_no_split_without_a_forward_or_with_more_layers_or_a_single_slice(kernels):
     net = _net(torch.float64, True)
-    _, seen = _rows(*net[:3], "relu", "class", *net[3:], 1, "step")
-    assert seen[0].grid == (3,) and not seen[0].kwargs["HSPLIT"]
     x, (w1, w2), (b1, b2) = net[0], net[1], net[2]
+    acts = [_exact(*net[:3], "relu", "class", *net[3:])["acts"].to(x.dtype)]
+    dz = torch.randn(B, N_OUT, dtype=x.dtype, device=x.device)
+    seen = []
+    with observe(seen.append):  # a module's backward rows: no forward, nothing to split
+        R.rows(x, [w1, w2], [None, None], ("relu",), acts=acts, dpres=[x.new_empty(B, HIDDEN)],
+               dz=x.new_empty(B, N_OUT), forward=False, grad_in="dlogits", g=dz,
+               scale=torch.ones((), dtype=x.dtype, device=x.device), split=3, config=CONFIG)
+        R.rows(x, [w1, w2], [b1, b2], ("relu",), acts=[x.new_empty(B, HIDDEN)], out=x.new_empty(B, N_OUT),
+               split=3, config=dict(CONFIG, BLOCK_H=128))  # one slice of 128: one group
+        empty = x.new_empty(B, N_OUT)  # no hidden feature: log_softmax(b2) in every row
+        R.rows(x, [w1[:0], w2[:, :0]], [None, b2], ("relu",), acts=[x.new_empty(B, 0)], out=empty, split=3,
+               config=CONFIG)
+    assert [s.grid for s in seen] == [(3,)] * 3 and not any(s.kwargs["HSPLIT"] for s in seen)
+    torch.testing.assert_close(empty, torch.log_softmax(b2, 0).expand(B, N_OUT))
     w_mid = torch.randn(HIDDEN, HIDDEN, dtype=x.dtype, device=x.device) / 10
     acts = [x.new_empty(B, HIDDEN), x.new_empty(B, HIDDEN)]
     seen = []
@@ -142,7 +154,8 @@ def test_train_step_with_a_hidden_split_matches_the_eager_loop(kernels, monkeypa
 def test_how_many_groups():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert R.hidden_split(8, 8, cuda, sm_count=132) == 8  # B = 128, hidden 1024: a group per slice
-    assert R.hidden_split(64, 8, cuda, sm_count=132, tensor_cores=False) == 3  # B = 1024 fp32: every SM busy
+    assert R.hidden_split(64, 8, cuda, sm_count=132, tensor_cores=False) == 2  # B = 1024 fp32: one wave
+    assert R.hidden_split(67, 8, cuda, sm_count=132, tensor_cores=False) == 1  # 2 · 67 programs: two waves
     assert R.hidden_split(64, 8, cuda, sm_count=132) == 1  # TF32 / 16-bit: L2-bound there, the split costs more
     assert R.hidden_split(33, 8, cuda, sm_count=132) == 4  # a quarter of the SMs
     assert R.hidden_split(8, 1, cuda, sm_count=132) == 1  # hidden 128 in the train step: one slice

@@ -103,3 +103,6 @@ def test_how_many_slices():
     # the train step's update (8 warps, 1 program per SM) and its loss program: no third wave for a few programs
     assert G.split_count(16384, 15, cuda, sm_count=132) == 18  # 271 programs: a module's backward fills more
     assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True) == 17  # 256 of 264
+    assert G.split_count(16384, 120, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 1  # hidden 1024
+    assert G.split_count(16384, 58, cuda, sm_count=108, whole_waves=True) == 4  # fp32 IEEE on an A100: FMA-bound
+    assert G.split_count(16384, 104, cuda, sm_count=132) == 4  # a module's backward at 32 × 32 tiles
