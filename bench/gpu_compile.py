@@ -383,7 +383,20 @@ def _compile(job: dict) -> dict:
         return dict(error=f"{type(error).__name__}: {' | '.join(lines[:6])[:600]}",
                     compile_s=time.perf_counter() - start)
     return dict(stats, error=None, shared=kernel.metadata.shared + stats["static_smem"],
-                num_warps=kernel.metadata.num_warps, compile_s=time.perf_counter() - start)
+                num_warps=kernel.metadata.num_warps, ptx_ops=ptx_ops(kernel.asm["ptx"]),
+                compile_s=time.perf_counter() - start)
+
+
+PTX_OPS = {  # what the split reductions' ordering rests on, counted in the PTX (tests/test_gpu_compile.py)
+    "acq_rel_atomics": r"\batom\.global\.gpu\.acq_rel\.",  # the arrival counter's release / acquire
+    "cg_loads": r"\bld\.global\.cg\.",  # the last program's loads of the others' partials and activations
+    "barriers": r"\bbar\.sync\b",
+}
+
+
+def ptx_ops(ptx: str) -> dict:
+    """How often each instruction of :data:`PTX_OPS` occurs in a kernel's PTX."""
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_OPS.items()}
 
 
 def blocks_per_sm(arch: Arch, num_warps: int, regs: int, shared: int) -> tuple[int, str]:

@@ -106,6 +106,17 @@ def test_hidden_split_is_what_the_launcher_takes_at_small_batches(case, default_
     assert result["config"]["HSPLIT"] is True and result["grid"] == [8 * triton.cdiv(slices, per_group)]
 
 
+@pytest.mark.parametrize("case", HSPLIT + SPLIT[:4] + SEED[:1], ids=str)
+def test_split_reductions_order_their_loads_after_an_acq_rel_counter(case, default_results):
+    """In the PTX of a split launch: the arrival counter is an acq_rel atomic at GPU scope (release of this
+    program's partial, acquire of the others') and the last program's loads of the others' values bypass L1
+    (``ld.global.cg``), after a barrier; a launch without a split has no such atomic (the count can fail)."""
+    ops = default_results[case]["ptx_ops"]
+    split = case in HSPLIT or case in SPLIT
+    assert (ops["acq_rel_atomics"] > 0) == split and (ops["cg_loads"] > 0) == split, ops
+    assert ops["barriers"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", EVERY, ids=str)
 def test_every_variant_compiles_and_fits(case, every_results):
