@@ -301,6 +301,25 @@ def hidden_split(n_blocks: int, n_slices: int, device: torch.device, sm_count: i
     return min(n_slices, sm_count // n_blocks)  # one wave: a second one for a few programs costs a whole chain
 
 
+def _groups(split, n_blocks, widths, x, cfg, forward, backward, precision, sm_count):
+    """(G, hidden features per group) of a launch: ``split`` when given, else :func:`hidden_split`'s choice where
+    the split applies — a two-layer forward; not float64 (24 B spills on sm_80 at 128 outputs; a correctness
+    dtype), not past 256 outputs (partials of 16 × 1024, more spills), not a forward only (a module's) in fp32
+    IEEE (4–20 B spills split). Groups are whole slices, and each makes at least one."""
+    n_slices = triton.cdiv(widths[-2], cfg["BLOCK_H"])
+    groups = 1
+    if forward and len(widths) == 3 and n_slices > 1:
+        tensor_cores = precision == "tf32" or x.dtype.itemsize == 2
+        if split is not None:
+            groups = split
+        elif x.dtype != torch.float64 and cfg["BLOCK_OUT"] <= 256 and (backward or tensor_cores):
+            groups = hidden_split(n_blocks, n_slices, x.device, sm_count, tensor_cores=tensor_cores)
+    if groups <= 1:
+        return 1, max(n_slices, 1) * cfg["BLOCK_H"]
+    group_cols = triton.cdiv(n_slices, groups) * cfg["BLOCK_H"]
+    return triton.cdiv(widths[-2], group_cols), group_cols
+
+
 def _pairs(tensors, stand_in):
     return tuple(stand_in if t is None else t for t in tensors)
 
@@ -332,23 +351,7 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
     any_buffer = x
     n_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    n_slices = triton.cdiv(widths[-2], cfg["BLOCK_H"])
-    groups = 1
-    if forward and len(weights) == 2:
-        if split is not None:
-            groups = split
-        # not for float64 (24 B spills on sm_80 at 128 outputs; a correctness dtype), past 256 outputs (partials
-        # of 16 × 1024, more spills), nor for a forward only (a module's) in fp32 IEEE (4–20 B spills split)
-        elif x.dtype != torch.float64 and cfg["BLOCK_OUT"] <= 256 and (
-                backward or precision == "tf32" or x.dtype.itemsize == 2):
-            groups = hidden_split(n_blocks, n_slices, x.device, sm_count,
-                                  tensor_cores=precision == "tf32" or x.dtype.itemsize == 2)
-    group_cols = max(n_slices, 1) * cfg["BLOCK_H"]
-    if groups > 1 and n_slices > 1:
-        group_cols = triton.cdiv(n_slices, groups) * cfg["BLOCK_H"]
-        groups = triton.cdiv(widths[-2], group_cols)  # every group makes at least one slice
-    else:
-        groups = 1
+    groups, group_cols = _groups(split, n_blocks, widths, x, cfg, forward, backward, precision, sm_count)
     parts = counters = any_buffer
     if groups > 1:
         parts = torch.empty(n_blocks * groups * cfg["BLOCK_M"] * (cfg["BLOCK_OUT"] + 1), device=x.device,

@@ -47,7 +47,7 @@ def use_triton(device: torch.device, dtype: torch.dtype | None = None, n_out: in
     if name == "torch":
         return False
     if device.type == "cuda":
-        if name == "auto" and n_out is not None and n_out > 256 and dtype is not None:
+        if name == "auto" and n_out is not None and dtype is not None:
             from pyfused.kernels.rows import max_out
 
             return n_out <= max_out(dtype)
