@@ -1,19 +1,21 @@
 """The torch path of :class:`pyfused.train_step.FusedTrainStep` (CPU, or ``PYFUSED_BACKEND=torch``).
 
 The ATen ops eager autograd and the torch optimizers run — the twins of :mod:`pyfused.torch_ops` — in the same
-order and layouts, into buffers kept between calls, without autograd and without dx: so the same rounding.
-Parameters are bit-identical to the eager loop's, also over whole accumulation groups (a flushed partial group is
-rescaled by k/r: equal to rounding), and a 10-epoch run of the seed follows eager PyTorch's losses to ~1e-10
-relative. Writing the gradient GEMM straight into the weight or momentum buffer (``addmm_``) would save one
-elementwise op but rounds differently: over 10 epochs of the seed the losses drifted apart by 4.6e-4 relative, so
-it is not done.
+order and layouts, into buffers kept between calls, without autograd and without dx. Under ``PYFUSED_BACKEND=torch``
+that is the same rounding: parameters are bit-identical to the eager loop's, also over whole accumulation groups (a
+flushed partial group is rescaled by k/r: equal to rounding), and a 10-epoch run of the seed follows eager
+PyTorch's losses to ~1e-10 relative. Under the default ``auto`` the large float32 GEMMs run on oneDNN instead of
+MKL (:mod:`pyfused.cpu_gemm`: about half the time on the seed's two large products), which agrees with eager to
+float32 rounding; like any rounding difference it grows over a long run (10 epochs of the seed: 5e-4 relative in
+the losses). Writing the gradient GEMM straight into the weight or momentum buffer (``addmm_``) was tried too: it
+saves one elementwise op, and drifts as much (4.6e-4).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from pyfused import torch_ops
+from pyfused import cpu_gemm, torch_ops
 
 
 class TorchStepPath:
@@ -55,9 +57,10 @@ class TorchStepPath:
         ws = self._workspace(x.shape[0])
         x = x.detach() if x.requires_grad else x
         a = x
-        for i, (act, out) in enumerate(zip(s.activations, ws["acts"])):
-            a = torch_ops.linear_act(a, aliases[2 * i], aliases[2 * i + 1], act, out=out)
-        torch_ops.linear(a, aliases[-2], aliases[-1], out=ws["z"])
+        acts = ws["acts"]
+        for i, act in enumerate(s.activations):
+            a = acts[i] = cpu_gemm.linear_act(a, aliases[2 * i], aliases[2 * i + 1], act, acts[i])
+        ws["z"] = cpu_gemm.linear(a, aliases[-2], aliases[-1], ws["z"])
         if s.kind == "class":
             torch_ops.log_softmax(ws["z"], out=ws["y"])
             target = target if target.dtype == torch.int64 else target.long()
@@ -80,15 +83,16 @@ class TorchStepPath:
         else:
             d = torch_ops.mse_loss_grad(grad, ws["z"], target, reduction, out=ws["dz"])
         for i in reversed(range(len(ws["acts"]))):
-            d = torch_ops.hidden_grad(d, aliases[2 * i + 2], ws["acts"][i], s.activations[i], out=ws["d"][i])
+            d = ws["d"][i] = cpu_gemm.hidden_grad(d, aliases[2 * i + 2], ws["acts"][i], s.activations[i], ws["d"][i])
 
-    def _grads(self, x, ws, first):
+    def _grads(self, x, ws, first, kept=True):
         """dW_i = D_iᵀ A_i, db_i = Σ D_i from the workspace into the flat gradient's views: written (``first``) or
-        added, as AccumulateGrad adds to ``.grad``. Returns the views."""
-        views = self.step.grad_views()
+        added, as AccumulateGrad adds to ``.grad``. Returns the gradients: the views, except, when they need not be
+        ``kept`` (a step that neither accumulates nor keeps ``.grad``), a weight gradient oneDNN made (no copy)."""
+        views = list(self.step.grad_views())
         inputs, pres = [x, *ws["acts"]], [*ws["d"], ws["dz"]]
         for i, (a, d) in enumerate(zip(inputs, pres)):
-            torch_ops.weight_grad(d, a, out=views[2 * i], add=not first)
+            views[2 * i] = cpu_gemm.weight_grad(d, a, views[2 * i], not first, kept)
             if views[2 * i + 1] is not None:
                 torch_ops.bias_grad(d, out=views[2 * i + 1], add=not first)
         return views
@@ -99,14 +103,14 @@ class TorchStepPath:
         x, target, ws = self._forward(x, target)
         loss, count = self._loss(target, s.reduction, ws)
         self._rows(self._one, target, count, s.reduction, ws)
-        self.update(self._grads(x, ws, True))
+        self.update(self._grads(x, ws, True, s.keep_grad))
         return loss
 
     def accumulate(self, x, target, first, sums=None):
         """This batch's gradient of its loss divided by accumulation_steps, written (``first``) or added into the
         gradient sums (the gradient views; ``sums`` is the kernel path's argument); returns the loss. With a
-        process group the mean is over every rank's rows: (Σ loss, count), in float32 at least so that 16-bit sums neither overflow nor round the count, is all-reduced
-        before the gradients are scaled."""
+        process group the mean is over every rank's rows: (Σ loss, count), in float32 at least so that 16-bit sums
+        neither overflow nor round the count, is all-reduced before the gradients are scaled."""
         s = self.step
         x, target, ws = self._forward(x, target)
         total, count = self._loss(target, "sum", ws)

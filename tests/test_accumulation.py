@@ -37,7 +37,7 @@ def eager_group(ref, group_batches):
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("options", list(OPTIONS))
-def test_accumulation_matches_the_eager_loop(backend, k, options):
+def test_accumulation_matches_the_eager_loop(step_backend, k, options):
     """10 batches of 11 rows (every 5th row ignored, batch 4 all ignored), then 3 more of 6 rows as a new
     "epoch": k = 3 ends the first epoch with a group of 1 and k = 8 with one of 2, each flushed."""
     bias, sgd_options, bias_group = OPTIONS[options]
@@ -64,7 +64,7 @@ def test_accumulation_matches_the_eager_loop(backend, k, options):
             check_same(model, opt, ref, ref_opt)
 
 
-def test_gradients_mid_group_and_without_keep_grad(backend):
+def test_gradients_mid_group_and_without_keep_grad(step_backend):
     """keep_grad: .grad holds the running sum of the group's scaled gradients between calls, as eager .grad
     does; without keep_grad .grad stays None. Parameters move only at the k-th call."""
     model, ref = pair(9, 12, 4, True)
@@ -86,7 +86,7 @@ def test_gradients_mid_group_and_without_keep_grad(backend):
         assert all(p.grad is None for p in bare.parameters())
 
 
-def test_accumulation_is_deterministic(backend):
+def test_accumulation_is_deterministic(step_backend):
     runs = []
     for _ in range(2):
         model, _ = pair(9, 12, 4, True)

@@ -51,7 +51,7 @@ def check_state(model, opt, ref, ref_opt, exact=False, tol=STEP_TOL):
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("loss", ["nll", "cross_entropy", "mse"])
-def test_matches_the_eager_loop(backend, loss, optimizer, depth, k, reduction):
+def test_matches_the_eager_loop(step_backend, loss, optimizer, depth, k, reduction):
     """7 batches of 11 rows (every 5th row ignored for class losses): k = 3 ends with a flushed group of 1."""
     # a summed loss's gradients are the rows' total: a smaller step keeps SGD with momentum from diverging
     model, ref, opt, ref_opt = make(depth, loss, optimizer, bias_group=depth == 3,
@@ -71,7 +71,7 @@ def test_matches_the_eager_loop(backend, loss, optimizer, depth, k, reduction):
         assert step.flush() == (len(group) < k)
         ref_opt.step()
         ref_opt.zero_grad()
-        check_state(model, opt, ref, ref_opt, exact=backend == "torch" and DEVICE == "cpu" and len(group) == k,
+        check_state(model, opt, ref, ref_opt, exact=step_backend == "torch" and DEVICE == "cpu" and len(group) == k,
                     tol=tol)
     check_state(model, opt, ref, ref_opt, tol=tol)
     assert all(p.grad is None for p in model.parameters())
@@ -98,7 +98,7 @@ def test_torch_optimizers_and_their_state_interchange(backend, loss):
     check_state(model, opt, ref, ref_opt)
 
 
-def test_keep_grad_with_adam_and_accumulation(backend):
+def test_keep_grad_with_adam_and_accumulation(step_backend):
     model, ref, opt, ref_opt = make(3, "mse", "adam")
     step = pyfused.FusedTrainStep(model, opt, accumulation_steps=2, loss="mse", reduction="sum", keep_grad=True)
     for i, (x, t) in enumerate(batches("mse", 8, 9, 4, 4)):

@@ -92,7 +92,7 @@ CASES = {  # (rows, in, hidden, out), bias, SGD options, biases in their own gro
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_trajectory_matches_eager(backend, case):
+def test_trajectory_matches_eager(step_backend, case):
     """30 steps; every batch has ignored rows, the fifth only ignored rows (NaN loss, zero gradient)."""
     (rows, n_in, hidden, out), bias, options, bias_group, schedule, *activation = CASES[case]
     model, ref = pair(n_in, hidden, out, bias, activation=(activation or ["relu"])[0])
@@ -125,7 +125,7 @@ def test_seed_shape_torch_path(monkeypatch, momentum):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_keep_grad_leaves_the_step_gradients(backend, bias):
+def test_keep_grad_leaves_the_step_gradients(step_backend, bias):
     model, ref = pair(9, 12, 4, bias)
     opt, ref_opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True), \
         torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, maximize=True)
@@ -142,7 +142,7 @@ def test_keep_grad_leaves_the_step_gradients(backend, bias):
     assert all(p.grad.untyped_storage().data_ptr() == storage for p in model.parameters())  # one flat buffer
 
 
-def test_strided_and_empty_batches(backend):
+def test_strided_and_empty_batches(step_backend):
     """Column-major x and a strided target; then a batch of no rows (NaN loss, zero gradient, momentum goes on)."""
     model, ref = pair(9, 12, 4, True)
     opt, ref_opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1), \
@@ -173,7 +173,7 @@ def test_tensor_lr_and_torch_sgd(backend):
     check_same(model, opt, ref, ref_opt)
 
 
-def test_losses_are_independent_and_deterministic(backend):
+def test_losses_are_independent_and_deterministic(step_backend):
     runs = []
     for _ in range(2):
         model, _ = pair(9, 12, 4, True)
@@ -185,7 +185,7 @@ def test_losses_are_independent_and_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def test_momentum_state_interchanges_with_torch_sgd(backend):
+def test_momentum_state_interchanges_with_torch_sgd(step_backend):
     """Buffers made by the step are the optimizer's state: a torch.optim.SGD loaded from its state_dict continues
     the same trajectory as the step does."""
     model, ref = pair(9, 12, 4, False)
