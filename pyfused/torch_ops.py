@@ -136,6 +136,37 @@ def input_grad(d, w):
     return torch.mm(d, w)
 
 
+def row_pass(x, weights, biases, activations, loss, target, block_m, ignore_index=-100):
+    """The train step's row pass (:func:`pyfused.kernels.rows.rows` with a loss), from the twins above, in x's
+    dtype: ``acts`` (each hidden layer's output), ``dpres`` (their pre-activation gradients), ``dz`` (the logits'
+    gradient of the summed loss, unscaled), ``stats`` (per block of ``block_m`` rows: Σ loss and the counted
+    rows — class — or elements — mse) and ``out`` (log-probabilities, or logits for mse). ``loss``: "class" or
+    "mse"; class targets int64."""
+    acts, a = [], x
+    for w, b, activation in zip(weights[:-1], biases[:-1], activations):
+        a = linear_act(a, w, b, activation)
+        acts.append(a)
+    z = linear(a, weights[-1], biases[-1])
+    rows, one = x.shape[0], torch.ones((), dtype=x.dtype, device=x.device)
+    if loss == "class":
+        out = log_softmax(z)
+        value = class_loss(out, target, "none", ignore_index)[0]
+        dz = class_loss_grad(torch.ones(rows, dtype=x.dtype, device=x.device), out, target, "none", ignore_index,
+                             one)
+        counted = (target != ignore_index).to(x.dtype)
+    else:
+        out, value = z, mse_loss(z, target, "none").sum(1)
+        dz = mse_loss_grad(one, z, target, "sum")
+        counted = torch.full((rows,), float(z.shape[1]), dtype=x.dtype, device=x.device)
+    dpres, d = [None] * len(acts), dz
+    for i in reversed(range(len(acts))):
+        d = dpres[i] = hidden_grad(d, weights[i + 1], acts[i], activations[i])
+    blocks = torch.arange(rows, device=x.device) // block_m
+    sums = [torch.zeros(-(-rows // block_m), dtype=x.dtype, device=x.device).index_add(0, blocks, v)
+            for v in (value, counted)]
+    return dict(acts=acts, dpres=dpres, dz=dz, stats=torch.stack(sums, 1), out=out)
+
+
 def sgd_foreach(params, grads, buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     """torch.optim.SGD's foreach update, in the parameter dtype; new momentum buffers are put in ``buffers``."""
     owned = maximize or weight_decay != 0

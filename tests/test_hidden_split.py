@@ -7,6 +7,7 @@ import torch
 import triton
 
 import pyfused
+from pyfused import torch_ops
 from pyfused.kernels import rows as R
 from pyfused.kernels.launch import COUNTERS, observe
 from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin
@@ -28,32 +29,11 @@ def _net(dtype, bias, seed=0):
 
 
 def _exact(x, weights, biases, activation, loss, classes, target):
-    """Float64 outputs of the row pass: activations, hidden gradient, unscaled dz, per-block (Σ loss, count),
-    log-probabilities (class) or logits (mse)."""
-    x, w1, w2 = (t.double() for t in (x, *weights))
-    b1, b2 = (torch.zeros(n, dtype=torch.float64, device=x.device) if b is None else b.double()
-              for b, n in zip(biases, (HIDDEN, N_OUT)))
-    pre = x @ w1.t() + b1
-    h = torch.relu(pre) if activation == "relu" else torch.sigmoid(pre)
-    z = h @ w2.t() + b2
-    if loss == "class":
-        y = torch.log_softmax(z, 1)
-        keep = classes != IGNORE
-        onehot = torch.nn.functional.one_hot(classes.clamp(min=0), N_OUT).double()
-        value = torch.where(keep, -(y * onehot).sum(1), 0.0)
-        dz = (y.exp() - onehot) * keep[:, None]
-        counted, out = keep.double(), y
-    else:
-        e = z - target.double()
-        counted = torch.full((B,), float(N_OUT), dtype=torch.float64, device=x.device)
-        value, dz, out = (e * e).sum(1), 2 * e, z
-    da = dz @ w2
-    dpre = da * (pre > 0) if activation == "relu" else da * h * (1 - h)
-    blocks = torch.arange(B, device=x.device) // CONFIG["BLOCK_M"]
-    n_blocks = triton.cdiv(B, CONFIG["BLOCK_M"])
-    stats = torch.stack([torch.zeros(n_blocks, dtype=torch.float64, device=x.device).index_add(0, blocks, v)
-                         for v in (value, counted)], 1)
-    return dict(acts=h, dpres=dpre, dz=dz, stats=stats, out=out)
+    """Float64 outputs of the row pass (:func:`pyfused.torch_ops.row_pass`), the hidden layer's as tensors."""
+    ref = torch_ops.row_pass(x.double(), [w.double() for w in weights],
+                             [None if b is None else b.double() for b in biases], (activation,), loss,
+                             classes if loss == "class" else target.double(), CONFIG["BLOCK_M"], IGNORE)
+    return dict(ref, acts=ref["acts"][0], dpres=ref["dpres"][0])
 
 
 def _rows(x, weights, biases, activation, loss, classes, target, split, mode):
@@ -161,3 +141,28 @@ def test_how_many_groups():
     assert R.hidden_split(8, 1, cuda, sm_count=132) == 1  # hidden 128 in the train step: one slice
     assert R.hidden_split(256, 8, cuda, sm_count=132) == 1  # the row blocks fill the GPU
     assert R.hidden_split(8, 8, cpu) == 1  # the interpreter: never (tests force it)
+
+
+@pytest.mark.parametrize("loss,activation", [("class", "relu"), ("mse", "sigmoid")])
+def test_the_row_pass_twin_against_autograd(loss, activation):
+    """torch_ops.row_pass, the float64 reference above (and of bench.gpu_check), against eager autograd: dz and the
+    pre-activation gradients of the summed loss, per-block sums of the row losses."""
+    x, weights, biases, classes, target = _net(torch.float64, True)
+    w1 = weights[0].clone().requires_grad_()
+    pre = x @ w1.t() + biases[0]
+    h = torch.relu(pre) if activation == "relu" else torch.sigmoid(pre)
+    z = h @ weights[1].t() + biases[1]
+    if loss == "class":
+        rows_loss = torch.nn.functional.nll_loss(torch.log_softmax(z, 1), classes, reduction="none")
+        counted = (classes != IGNORE).double()
+    else:
+        rows_loss = ((z - target) ** 2).sum(1)
+        counted = torch.full((B,), float(N_OUT), dtype=torch.float64, device=x.device)
+    d_pre, d_z = torch.autograd.grad(rows_loss.sum(), [pre, z])
+    ref = _exact(x, weights, biases, activation, loss, classes, target)
+    torch.testing.assert_close(ref["acts"], h.detach())
+    torch.testing.assert_close(ref["dz"], d_z)
+    torch.testing.assert_close(ref["dpres"], d_pre)
+    block = CONFIG["BLOCK_M"]
+    sums = [torch.stack([v[i:i + block].sum() for i in range(0, B, block)]) for v in (rows_loss.detach(), counted)]
+    torch.testing.assert_close(ref["stats"], torch.stack(sums, 1))
