@@ -228,8 +228,11 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) 64 columns and 8 warps
       for ``"update"`` (a quarter of the re-reads; 4 warps spill 36–1736 B there), 32 for ``"accumulate"`` (64
       spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
-      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns (8 warps there spill
-      in bf16 on sm_80 at 9 shapes of the report, 4 warps at 4: 4–8 B), ``"accumulate"`` with K steps of 16 and
+      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns; up to 16 rows K steps
+      of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
+      warps and 2 stages leave 3 spilling 4–8 B (64 and 128 rows); 8 warps spill at 10 or more, 8 warps with K
+      steps of 16 at 9; 1 stage at none of these three, but gives up the K loop's pipelining, which is neither
+      modelled nor measured yet. ``"accumulate"`` with K steps of 16 and
       8 warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
       blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
     """
@@ -244,7 +247,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     wide = n_rows > WIDE_FROM and wide_ok
     block_n = (64 if update else 32) if wide else 16
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=block_n, BLOCK_K=32 if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
+                BLOCK_N=block_n, BLOCK_K=dot_block(n_rows, 32) if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
                 num_warps=4 if update and block_n < 64 else 8, num_stages=2)
 
 

@@ -228,7 +228,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
       fp32 at 32 rows spills), K steps of 32 (16 for fp32 IEEE and fp64), hidden slices of up to 64 with a w_L
-      tile of at most 4096 elements, 4 warps (8 past 256 outputs), 3 stages (2 for fp64);
+      tile of at most 4096 elements, 4 warps (8 past 256 outputs), 3 stages (2 for fp64); from LARGE_BATCH rows,
+      as the train step, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64) up to 256 outputs, 8 warps, 2
+      stages (no spills on sm_80 and sm_90 in any of the forward variants at 16384–65536 rows; 4 warps spill at
+      256 outputs, 3 stages at 4096 → 1024 → 128 in 16-bit dtypes);
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 —, 32 for
@@ -260,6 +263,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     aligned = all(n % 16 == 0 for n in widths[1:-1])
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if forward:
+        if n_rows >= LARGE_BATCH and (dtype.itemsize == 2 or precision == "tf32") and not wide:
+            return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if dtype.itemsize == 2 else 32), BLOCK_H=block_h,
+                        BLOCK_OUT=block_out, num_warps=8, num_stages=2)
         block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
         fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192

@@ -178,13 +178,22 @@ def test_gradcheck_torch_path_float64(monkeypatch, activation):
             (x, w1, b1, w2, b2))
 
 
+@pytest.mark.parametrize("tiles", ["small batch", "64 rows"])
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(backend, dtype, activation):
-    """|ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol (the flash-attention rule), loss and gradients.
+def test_half_precision(backend, dtype, activation, tiles, monkeypatch):
+    """|ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol (the flash-attention rule), loss and gradients; the
+    forward also with its large-batch tiles (64 rows, forced at 40 rows: one ragged block).
     On CPU the Triton side runs fp16 only: the interpreter has no bfloat16 (tested below)."""
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter computes garbage for bfloat16; pyfused refuses it (tested below)")
+    if tiles == "64 rows":
+        if backend == "torch":
+            pytest.skip("the kernels' tiles")
+        from pyfused.kernels import rows
+
+        monkeypatch.setattr(rows, "LARGE_BATCH", 32)
+        assert rows.rows_config(40, (48, 32, 10), dtype, forward=True, backward=False)["BLOCK_M"] == 64
     shape = ((300,), 784, 128, 10) if DEVICE == "cuda" else ((40,), 48, 32, 10)
     x, w1, b1, w2, b2, target = make(*shape, True, dtype=dtype)
     ref_inputs = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]

@@ -32,9 +32,9 @@ SPLIT = [  # the split weight-gradient reduction (large B), every epilogue, in t
     for arch, mode in (("sm_90", "fp32"), ("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp64"), ("sm_80", "fp32"),
                        ("sm_80", "bf16"))
 ]
-LARGE = [  # the train step's 64-row tiles (TF32, 16-bit dtypes) from LARGE_BATCH rows
+LARGE = [  # the train step's and a module forward's 64-row tiles (TF32, 16-bit dtypes) from LARGE_BATCH rows
     gc.Case(kernel, arch, mode, True, 16384, 784, 128, 10)
-    for kernel in ("step_rows", "step_rows_mse")
+    for kernel in ("step_rows", "step_rows_mse", "forward_loss", "forward")
     for arch, mode in (("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp16"), ("sm_80", "tf32"), ("sm_80", "bf16"))
 ]
 HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the train step in every mode but fp64; the
@@ -84,6 +84,14 @@ def test_seed_step_kernels_do_not_spill(case, default_results):
     assert (result["spill_stores"], result["spill_loads"]) == (0, 0), (
         f"{case} ({result['config']}) spills {result['spill_stores']} B / loads {result['spill_loads']} B "
         f"per thread with {result['regs']} registers")
+
+
+@pytest.mark.parametrize("case", LARGE, ids=str)
+def test_large_batches_take_64_row_tiles(case, default_results):
+    """From LARGE_BATCH rows the row kernel's TF32 and 16-bit launches (train step and module forward) take
+    64-row tiles, 8 warps."""
+    config = default_results[case]["config"]
+    assert (config["BLOCK_M"], config["num_warps"]) == (64, 8), config
 
 
 @pytest.mark.parametrize("case", SPLIT, ids=str)
