@@ -1,4 +1,5 @@
-"""The GEMMs of FusedTrainStep's torch path on CPU: oneDNN for the large float32 ones, eager's ATen ops otherwise.
+"""The GEMMs of the torch path's own passes on CPU (FusedTrainStep; a module's inference): oneDNN for the large
+float32 ones, eager's ATen ops otherwise.
 
 Eager PyTorch runs a float32 ``nn.Linear`` on CPU, and its backward, through MKL (``addmm`` / ``mm``). oneDNN,
 which torch ships for its CPU backends (``torch.ops.mkldnn._linear_pointwise``: the op torch.compile's CPU

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from pyfused import checks, torch_ops
+from pyfused import checks, cpu_gemm, torch_ops
 
 
 class Spec(NamedTuple):
@@ -140,14 +140,16 @@ class KernelEngine:
 
 
 class TorchEngine:
-    """The pure-torch twins (:mod:`pyfused.torch_ops`): eager's own ATen ops, in eager's order."""
+    """The pure-torch twins (:mod:`pyfused.torch_ops`): eager's own ATen ops, in eager's order — in the forward
+    the large float32 CPU products on oneDNN under ``PYFUSED_BACKEND=auto`` (:mod:`pyfused.cpu_gemm`; this forward
+    is the torch path's inference: with gradients the torch path records eager's own graph)."""
 
     def forward(self, x, weights, biases, target, spec: Spec, keep: bool):
         acts, a = [], x
         for w, b, act in zip(weights[:-1], biases[:-1], spec.activations):
-            a = torch_ops.linear_act(a, w, b, act)
+            a = cpu_gemm.linear_act(a, w, b, act, None)
             acts.append(a)
-        z = torch_ops.linear(a, weights[-1], biases[-1])
+        z = cpu_gemm.linear(a, weights[-1], biases[-1], None)
         kind, count = spec.kind, x.new_empty(0)
         if kind == "none":
             value, g = torch_ops.log_softmax(z) if spec.head == "log_softmax" else z, x.new_empty(0)

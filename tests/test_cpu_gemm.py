@@ -121,3 +121,24 @@ def test_seed_step_at_the_default_threshold(monkeypatch, momentum):
         if momentum:
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
                                        rtol=1e-5, atol=1e-6)
+
+
+def test_module_inference_at_the_default_threshold(monkeypatch):
+    """A FusedMLP's forward under no_grad (the torch path's own forward) takes oneDNN for x w₁ᵀ, within float32
+    rounding of eager, NaN rows kept; with gradients the torch path records eager's own graph (no oneDNN)."""
+    monkeypatch.setenv("PYFUSED_BACKEND", "auto")
+    calls = spy(monkeypatch)
+    torch.manual_seed(0)
+    model = pyfused.FusedMLP(784, 128, 10, bias=True)
+    ref = torch.nn.Sequential(*[torch.nn.Linear(784, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10),
+                                torch.nn.LogSoftmax(-1)])
+    ref.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in model.state_dict().items()})
+    x = torch.rand(128, 784)
+    x[5, 17] = float("nan")
+    with torch.no_grad():
+        ours, theirs = model(x), ref(x)
+    assert len(calls) == 1 and calls[0] == ((128, 784), (128, 784))
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours[5].isnan().all()
+    torch.testing.assert_close(ours[~ours.isnan()], theirs[~theirs.isnan()], **F32)
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0, equal_nan=True)  # with gradients: eager's bits
+    assert len(calls) == 1
