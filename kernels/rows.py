@@ -373,7 +373,7 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
         t_strides = (0, 0)
     launch(rows_kernel, (n_blocks * groups,), x.device,
            x, x.stride(0), x.stride(1),
-           tuple(weights), w_strides, _pairs(biases, any_buffer),
+           tuple(weights), w_strides, _pairs([None if b is None else b.contiguous() for b in biases], any_buffer),
            _pairs(acts, any_buffer), _pairs(dpres or [None] * len(acts), any_buffer), widths,
            any_buffer if out is None else out,
            any_buffer if target is None else target, *t_strides, ignore_index,

@@ -23,7 +23,9 @@ import torch
 
 from pyfused import backend, torch_ops
 
-MIN_MACS = 1 << 21  # below this oneDNN's per-call cost loses to MKL (measured: 8×784×128 MKL 20 µs, oneDNN 22)
+# below this oneDNN's per-call cost loses to MKL (measured, µs MKL / oneDNN: 8×784×128 (0.8 M) 19.7 / 21.6,
+# 32×784×128 (3.2 M) 44.6 / 32.8, 64×1000×100 (6.4 M) 85.6 / 63.2)
+MIN_MACS = 1 << 21
 
 
 @functools.cache
@@ -36,14 +38,16 @@ def available() -> bool:
 
 
 def takes(a: torch.Tensor, n: int) -> bool:
-    """Whether ``a @ bᵀ`` with ``b`` of ``n`` rows runs on oneDNN (see the module's docstring; never when empty)."""
+    """Whether ``a @ bᵀ`` with ``b`` of ``n`` rows runs on oneDNN (see the module's docstring; never when empty,
+    nor with oneDNN switched off: ``torch.backends.mkldnn.flags(enabled=False)``)."""
     return (a.device.type == "cpu" and a.dtype == torch.float32 and a.shape[0] * a.shape[1] * n >= max(MIN_MACS, 1)
-            and backend.requested() == "auto" and available())
+            and backend.requested() == "auto" and available() and torch.backends.mkldnn.enabled)
 
 
 def _abt(a, b, bias=None):
-    """``a @ bᵀ (+ bias)`` on oneDNN (a new contiguous tensor; strided operands are taken as they are)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    """``a @ bᵀ (+ bias)`` on oneDNN (a new contiguous tensor). Strided ``a`` and ``b`` are taken as they are; the
+    bias is made contiguous (oneDNN reads it as if it were)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None if bias is None else bias.contiguous(), "none", [], "")
 
 
 def linear_act(a, w, b, activation, out):

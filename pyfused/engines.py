@@ -141,8 +141,9 @@ class KernelEngine:
 
 class TorchEngine:
     """The pure-torch twins (:mod:`pyfused.torch_ops`): eager's own ATen ops, in eager's order — in the forward
-    the large float32 CPU products on oneDNN under ``PYFUSED_BACKEND=auto`` (:mod:`pyfused.cpu_gemm`; this forward
-    is the torch path's inference: with gradients the torch path records eager's own graph)."""
+    the large float32 CPU products on oneDNN under ``PYFUSED_BACKEND=auto`` (:mod:`pyfused.cpu_gemm`). This forward
+    is the torch path's inference, and under torch.compile the custom op's forward; eager calls with gradients
+    record eager's own graph instead (:func:`pyfused.functional.fused`)."""
 
     def forward(self, x, weights, biases, target, spec: Spec, keep: bool):
         acts, a = [], x

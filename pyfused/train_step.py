@@ -188,9 +188,10 @@ class FusedTrainStep:
         return self._views
 
     def check_params(self) -> None:
-        if any(p is not None and (p.dtype != self.dtype or p.device != self.device) for p in self.params):
-            raise RuntimeError("the model's parameters changed dtype or device since FusedTrainStep was made; "
-                               "make a new one")
+        if any(p is not None and (p.dtype != self.dtype or p.device != self.device or not p.is_contiguous())
+               for p in self.params):
+            raise RuntimeError("the model's parameters changed dtype, device or layout (they must stay contiguous) "
+                               "since FusedTrainStep was made; make a new one")
 
     # ------------------------------------------------------------------ internals
     def _path(self, kernels: bool):

@@ -79,6 +79,17 @@ def test_layers_against_float64_and_the_twins(forced, monkeypatch, activation, b
     assert len(calls) == 6  # each one on oneDNN
 
 
+def test_strided_biases_and_onednn_switched_off(forced):
+    """oneDNN reads a bias as if contiguous: a strided or expanded one is made contiguous first. With
+    torch.backends.mkldnn switched off, eager's op runs."""
+    x, w = torch.randn(8, 30), torch.randn(12, 30)
+    for b in (torch.randn(24)[::2], torch.randn(1).expand(12)):
+        torch.testing.assert_close(cpu_gemm.linear(x, w, b, None), torch_ops.linear(x, w, b), **F32)
+    assert cpu_gemm.takes(x, 12)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not cpu_gemm.takes(x, 12)
+
+
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 def test_nan_and_inf_propagate_as_in_eager(forced, activation):
     """oneDNN's fused relu maps NaN to 0; the activation runs as torch's own, so rows keep eager's NaN/Inf."""

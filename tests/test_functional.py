@@ -108,12 +108,15 @@ def test_non_contiguous_inputs(backend):
     w2s = torch.zeros(w2.shape[0], 2 * w2.shape[1], device=w2.device)
     w2s[:, ::2] = w2.detach()
     w2v = w2s[:, ::2].requires_grad_()  # strided columns
-    assert not (xt.is_contiguous() or w1t.is_contiguous() or w2v.is_contiguous())
+    b1v = torch.stack([b1.detach(), torch.full_like(b1, float("nan"))], 1)[:, 0].requires_grad_()  # strided bias
+    assert not (xt.is_contiguous() or w1t.is_contiguous() or w2v.is_contiguous() or b1v.is_contiguous())
     targ = torch.stack([target, target], 1)[:, 0]  # strided target
-    loss = pyfused.fused_mlp_nll(xt, w1t, b1, w2v, b2, targ, reduction="sum")
+    loss = pyfused.fused_mlp_nll(xt, w1t, b1v, w2v, b2, targ, reduction="sum")
     ref = F.nll_loss(reference(x, w1, b1, w2, b2), target, reduction="sum")
     check(loss, ref)
-    for ours, theirs in zip(torch.autograd.grad(loss, [xt, w1t, b1, w2v, b2]),
+    with torch.no_grad():  # inference: the forward alone
+        check(pyfused.fused_mlp(xt, w1t, b1v, w2v, b2.detach().expand(2, -1)[0]), reference(x, w1, b1, w2, b2))
+    for ours, theirs in zip(torch.autograd.grad(loss, [xt, w1t, b1v, w2v, b2]),
                             torch.autograd.grad(ref, [x, w1, b1, w2, b2])):
         check(ours, theirs)
 

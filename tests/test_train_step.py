@@ -295,6 +295,19 @@ def test_errors_name_the_problem():
             step.capture(x, t)
 
 
+def test_parameters_swapped_for_strided_ones_are_refused_on_the_torch_path(monkeypatch):
+    """The torch path re-checks the parameters when their storage changes: a strided ``.data`` (which the
+    kernels and oneDNN would read as contiguous) raises before anything runs."""
+    monkeypatch.setenv("PYFUSED_BACKEND", "torch")
+    model, _ = pair(5, 6, 3, True)
+    step = FusedTrainStep(model, FusedSGD(model.parameters(), lr=0.1))
+    x, t = torch.randn(4, 5, device=DEVICE), torch.tensor([0, 1, 2, 0], device=DEVICE)
+    step(x, t)
+    model.fc1.weight.data = model.fc1.weight.data.t().contiguous().t()
+    with pytest.raises(RuntimeError, match="layout"):
+        step(x, t)
+
+
 @CUDA
 def test_cuda_step_does_not_synchronise():
     model, _ = pair(784, 128, 10, False)
