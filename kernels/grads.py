@@ -217,7 +217,8 @@ def grads_kernel(
 WIDE_FROM = 4096  # rows past which the train step's tiles are wider (fewer re-reads of D_i from L2)
 
 
-def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, precision: str = "ieee") -> dict:
+def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, precision: str = "ieee",
+                 optimizer: str = "sgd") -> dict:
     """Launch configuration of :func:`grads_kernel`, from the compile report (no spills at the seed shapes on
     sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
 
@@ -225,8 +226,10 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
       SM-starved launch); past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction fills the GPU
-      and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) 64 columns and 8 warps
-      for ``"update"`` (a quarter of the re-reads; 4 warps spill 36–1736 B there), 32 for ``"accumulate"`` (64
+      and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) for ``"update"`` 128
+      columns and 16 warps for SGD in 16-bit dtypes, else 64 and 8 (an eighth / a quarter of the re-reads; at 128
+      columns TF32 spills 24–164 B, Adam's epilogue 472–552 B in bf16; 4 warps at 64 spill 36–1736 B; the model:
+      bf16 at 65536 rows 77.0 → 68.8 µs at hidden 128, 488.8 → 426.6 at hidden 1024), 32 for ``"accumulate"`` (64
       spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
       columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns; up to 16 rows K steps
       of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
@@ -245,10 +248,10 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     wide = n_rows > WIDE_FROM and wide_ok
-    block_n = (64 if update else 32) if wide else 16
+    block_n = ((128 if dtype.itemsize == 2 and optimizer == "sgd" else 64) if update else 32) if wide else 16
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
                 BLOCK_N=block_n, BLOCK_K=dot_block(n_rows, 32) if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
-                num_warps=4 if update and block_n < 64 else 8, num_stages=2)
+                num_warps=4 if update and block_n < 64 else 16 if block_n == 128 else 8, num_stages=2)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
@@ -262,7 +265,7 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over — with ``whole_waves``
     (the train step: 1–2 resident programs per SM, and its loss program) no more than fit two waves, since a
     third wave of a few programs costs a whole chain; with ``tensor_cores`` too (TF32, 16-bit dtypes), not at
-    all once the tiles fill half of the SMs (hidden 1024: 120 tiles of 64 columns, a launch bound by L2 where
+    all once the tiles fill half of the SMs (hidden 1024 in TF32: 120 tiles of 64 columns, a launch bound by L2 where
     the partials only add traffic) — and no slice longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS,
     at most MAX_SPLIT (with a full grid the partials' traffic would cost more than the
     parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of that many SMs (the compile
@@ -305,7 +308,7 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     n_layers = len(weights)
     precision = dot_precision(x.dtype, x.device)
-    cfg = grads_config(n_rows, widths, x.dtype, epilogue, precision)
+    cfg = grads_config(n_rows, widths, x.dtype, epilogue, precision, optimizer)
     tiles = tile_counts(widths, cfg, need)
     if split is None:
         split = split_count(n_rows, sum(tiles), x.device, sm_count, whole_waves=epilogue != "store",

@@ -209,7 +209,7 @@ def test_half_precision_step(backend, dtype, tiles, monkeypatch):
     """Two steps in half precision against fp64 and same-dtype eager, by the flash-attention rule
     |ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol, on the losses, parameters and momentum buffers; with the
     row kernel's small-batch tiles and its large-batch (64-row) tiles, forced at 40 rows (one ragged block), and
-    the gradient kernel's large-batch tiles (64 columns, 8 warps) likewise."""
+    the gradient kernel's large-batch tiles (128 columns, 16 warps in 16-bit dtypes) likewise."""
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 (pyfused refuses it)")
     if tiles == "64 rows":
@@ -225,7 +225,8 @@ def test_half_precision_step(backend, dtype, tiles, monkeypatch):
         from pyfused.kernels import grads
 
         monkeypatch.setattr(grads, "WIDE_FROM", 32)
-        assert grads.grads_config(40, (24, 32, 10), dtype, "update")["BLOCK_N"] == 64
+        cfg = grads.grads_config(40, (24, 32, 10), dtype, "update")
+        assert (cfg["BLOCK_N"], cfg["num_warps"]) == (128, 16)
     model, ref = pair(24, 32, 10, True)
     model.to(dtype)
     refs = {d: copy.deepcopy(ref).to(d) for d in (dtype, torch.float64)}
