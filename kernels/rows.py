@@ -244,12 +244,17 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
     wide = block_out > 256
+    half = dtype.itemsize == 2
+    large = forward and n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide
+
+    def large_tiles(block_h):  # from LARGE_BATCH rows, with a forward: the tensor cores' 64-row tiles
+        return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
+                    BLOCK_OUT=block_out, num_warps=8, num_stages=2)
+
     if forward and backward:
-        half = dtype.itemsize == 2
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
-        if n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide:
-            return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
-                        BLOCK_OUT=block_out, num_warps=8, num_stages=2)
+        if large:
+            return large_tiles(block_h)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and any(n % 16 for n in widths[1:-1]):  # unaligned fp32 tiles (the course's 100): 32 and
@@ -262,11 +267,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
     aligned = all(n % 16 == 0 for n in widths[1:-1])
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
+    if large:
+        return large_tiles(block_h)
     if forward:
-        if n_rows >= LARGE_BATCH and (dtype.itemsize == 2 or precision == "tf32") and not wide:
-            return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if dtype.itemsize == 2 else 32), BLOCK_H=block_h,
-                        BLOCK_OUT=block_out, num_warps=8, num_stages=2)
-        block_m = 32 if n_rows > 4096 and block_out <= 128 and dtype.itemsize == 2 else 16
+        block_m = 32 if n_rows > 4096 and block_out <= 128 and half else 16
         fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
         # fp32 forward variants of the report with Triton 3.8, 9 with 3.6; at 16, 0 and 6 (2 stages: 13 and 12)

@@ -1,15 +1,13 @@
 """pyfused.cpu_gemm: FusedTrainStep's torch-path GEMMs on oneDNN (float32, CPU, ``PYFUSED_BACKEND=auto``, from
 ``MIN_MACS`` multiply-adds) against float64 and against the twins they stand in for (eager's ATen ops); which GEMMs
-take it; special values; and the seed step against the eager loop at the default threshold. The step's whole
-matrix (losses, optimizers, depth, accumulation, keep_grad) runs on this path too: the ``onednn`` parameter of the
-``step_backend`` fixture."""
+take it; special values; module inference at the default threshold. The seed step at the default threshold is
+tests/test_train_step.py::test_seed_shape_torch_path; the step's whole matrix (losses, optimizers, depth,
+accumulation, keep_grad) runs on this path too: the ``onednn`` parameter of the ``step_backend`` fixture."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pyfused
 from pyfused import cpu_gemm, torch_ops
-from pyfused.train_step import FusedTrainStep
 
 from utils import TOL
 
@@ -101,37 +99,6 @@ def test_nan_and_inf_propagate_as_in_eager(forced, activation):
     assert ours.isnan().any()
     finite = theirs.isfinite()
     torch.testing.assert_close(ours[finite], theirs[finite], **F32)
-
-
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_seed_step_at_the_default_threshold(monkeypatch, momentum):
-    """The seed's step under the default backend: the two large GEMMs (x w₁ᵀ and dW₁) on oneDNN, the small ones on
-    MKL; 30 steps against the eager loop within the CPU trajectory tolerance."""
-    monkeypatch.setenv("PYFUSED_BACKEND", "auto")
-    calls = spy(monkeypatch)
-    torch.manual_seed(0)
-    model = pyfused.FusedMLP(784, 128, 10, bias=False)
-    ref = torch.nn.Sequential(torch.nn.Linear(784, 128, bias=False), torch.nn.ReLU(),
-                              torch.nn.Linear(128, 10, bias=False))
-    ref.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in model.state_dict().items()})
-    opt = pyfused.FusedSGD(model.parameters(), lr=0.15, momentum=momentum)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.15, momentum=momentum)
-    step = FusedTrainStep(model, opt)
-    g = torch.Generator().manual_seed(1)
-    for i in range(30):
-        x, t = torch.rand(128, 784, generator=g), torch.randint(0, 10, (128,), generator=g)
-        loss = step(x, t)
-        ref_loss = F.nll_loss(F.log_softmax(ref(x), 1), t)
-        ref_loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-    assert calls[:2] == [((128, 784), (128, 784)), ((128, 128), (784, 128))] and len(calls) == 60
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        if momentum:
-            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
-                                       rtol=1e-5, atol=1e-6)
 
 
 def test_module_inference_at_the_default_threshold(monkeypatch):

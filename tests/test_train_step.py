@@ -109,10 +109,18 @@ def test_trajectory_matches_eager(step_backend, case):
     check_same(model, opt, ref, ref_opt)
 
 
+@pytest.mark.parametrize("name", ["torch", "auto"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_seed_shape_torch_path(monkeypatch, momentum):
-    """The seed workload (784 → 128 → 10, no bias, lr 0.15, batch 128) on the CPU product path."""
-    monkeypatch.setenv("PYFUSED_BACKEND", "torch")
+def test_seed_shape_torch_path(monkeypatch, momentum, name):
+    """The seed workload (784 → 128 → 10, no bias, lr 0.15, batch 128) on the CPU product path: eager's ops
+    (``torch``), and under ``auto`` the two large GEMMs (x w₁ᵀ and dW₁) on oneDNN, the small ones on MKL."""
+    from pyfused import cpu_gemm
+
+    monkeypatch.setenv("PYFUSED_BACKEND", name)
+    if name == "auto" and (DEVICE != "cpu" or not cpu_gemm.available()):
+        pytest.skip("oneDNN's products are the CPU torch path's (auto on CUDA runs the kernels)")
+    calls, real = [], cpu_gemm._abt
+    monkeypatch.setattr(cpu_gemm, "_abt", lambda a, b, bias=None: calls.append((a.shape, b.shape)) or real(a, b, bias))
     model, ref = pair(784, 128, 10, False)
     opt, ref_opt = FusedSGD(model.parameters(), lr=0.15, momentum=momentum), \
         torch.optim.SGD(ref.parameters(), lr=0.15, momentum=momentum)
@@ -122,6 +130,10 @@ def test_seed_shape_torch_path(monkeypatch, momentum):
         ref_loss = eager_step(ref, ref_opt, x, t)
         torch.testing.assert_close(loss, ref_loss, **TOL)
     check_same(model, opt, ref, ref_opt)
+    if name == "auto":
+        assert calls[:2] == [((128, 784), (128, 784)), ((128, 128), (784, 128))] and len(calls) == 60
+    else:
+        assert calls == []
 
 
 @pytest.mark.parametrize("bias", [True, False])
