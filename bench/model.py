@@ -15,13 +15,16 @@ shared memory and resident blocks per SM those of Triton's compile for the devic
   epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
 - **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, and the
   split partials) at ``L2_TBPS``;
-- **HBM**: the compulsory bytes (x once, parameters and momentum read and written once) at the datasheet
-  bandwidth;
+- **HBM**: the compulsory bytes (x once per launch; launch 1 writes the activations, their gradients and dz
+  once, launch 2 reads them; parameters and momentum read and written once) at the datasheet bandwidth;
 - **launch**: ``LAUNCH_US`` per launch (launch latency and the tail of the last wave).
 
 The constants are assumptions (H100/H200-class numbers from public microbenchmarks, not measured here), named so
 that a GPU run can replace them; the model's error is unknown until ``python -m bench.gpu_check`` and ``python -m
-bench`` have run on the device. The step's roofline is :func:`bench.roofline.work`'s ``train_step``.
+bench`` have run on the device. The step's roofline is :func:`bench.roofline.work`'s ``train_step``; beside it,
+:func:`two_launch_floor`, what no two-launch step can beat under the same constants (where it is above 1.5× the
+roofline — hidden 128 in TF32 and bf16 at 16384 rows and more — only one launch that reads x once could reach
+that).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ STEP_NS = 120.0  # one dependent K-step of a program: pipelined L2 loads, an mma
 L2_TBPS = 10.0  # aggregate L2 load bandwidth, TB/s (assumption)
 LAUNCH_US = 2.0  # per launch: latency and the last wave's tail (assumption)
 DEVICES = {"h200": ("NVIDIA H200", "sm_90", 132), "h100": ("NVIDIA H100 SXM", "sm_90", 132)}
+L2_MB = {"h200": 60, "h100": 50}  # L2 capacity: whether launch 2 can find x there
 BATCHES = (128, 1024, 4096, 16384, 65536)
 HIDDEN = (128, 1024)
 MODES = ("fp32", "tf32", "bf16")
@@ -67,7 +71,9 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
             l2 += 2 * 4 * grid * bm * cfg["BLOCK_OUT"] + s * B * h  # partials; the others' activations
         else:
             chain = slices * (math.ceil(N_IN / bk) + 2)
-        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT) * 2
+        # x and the weights in; the activations, their gradients and dz out, once (the backward rows read the
+        # block's activations back from L2, just written)
+        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT)
     else:
         bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
         split = result.get("split", 1)
@@ -78,7 +84,7 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
         l2 = sum(t * split * s * rows * (bms[i] + bn) for i, t in enumerate(tiles))
         params = N_IN * h + h + h * N_OUT + N_OUT
         l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * math.ceil(B / 16)
-        hbm = s * B * (N_IN + h + N_OUT) + s * 4 * params  # x, h, dpre, dz once; p, momentum in and out
+        hbm = s * B * (N_IN + 2 * h + N_OUT) + s * 4 * params  # x, h, dpre, dz once; p, momentum in and out
     terms = {
         "math": flops / peak.flops[mode] * sms * math.ceil(grid / sms) / grid * 1e6,
         "chain": waves * chain * STEP_NS * 1e-3,
@@ -87,6 +93,31 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
     }
     bound = max(terms, key=terms.get)
     return dict(terms, time=terms[bound] + LAUNCH_US, bound=bound, grid=grid, waves=waves)
+
+
+def work_roofline(B: int, h: int, mode: str, peak) -> float:
+    """The step's roofline (µs): :func:`bench.roofline.work`'s ``train_step`` (bias, momentum) at the peaks."""
+    flops, nbytes = work("train_step", B, N_IN, h, N_OUT, True, _elem(mode), 0.9)
+    return peak.bound_s(flops, nbytes, mode) * 1e6
+
+
+def two_launch_floor(B: int, h: int, mode: str, peak, l2_mb: float) -> float:
+    """The least time (µs) any two-launch step can take under these assumptions, whatever its tiles: launch 1
+    reads x and the weights and writes the activations, their gradients and dz once; launch 2 reads them and x
+    again (from L2 where x fits in it, else from HBM) and reads and writes the parameters and momentum; each at
+    least its FLOPs at the peak, its bytes at HBM (and L2) bandwidth, plus a launch. Where this floor is above
+    a bar on the step, only a step that reads x once (one launch, the weight gradients reduced as the rows
+    stream) can meet it."""
+    s = _elem(mode)
+    params = N_IN * h + h + h * N_OUT + N_OUT
+    x = s * B * N_IN
+    launch1 = max(2 * B * (N_IN * h + 2 * h * N_OUT) / peak.flops[mode],
+                  (x + s * (N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT)) / peak.bandwidth)
+    reads = x + s * B * (2 * h + N_OUT) + s * 4 * params
+    from_hbm = reads - x if x <= l2_mb * 1e6 else reads
+    launch2 = max(2 * B * (N_IN * h + h * N_OUT) / peak.flops[mode], from_hbm / peak.bandwidth,
+                  reads / (L2_TBPS * 1e12))
+    return (launch1 + launch2) * 1e6 + 2 * LAUNCH_US
 
 
 def _cases(arch):
@@ -120,8 +151,8 @@ def model(device: str) -> list[dict]:
     results = gc.compile_cases([c for row in table for c in row[3:]])
     rows = []
     for B, h, mode, *cases in table:
-        flops, nbytes = work("train_step", B, N_IN, h, N_OUT, True, _elem(mode), 0.9)
-        roof = peak.bound_s(flops, nbytes, mode) * 1e6
+        roof = work_roofline(B, h, mode, peak)
+        floor = two_launch_floor(B, h, mode, peak, L2_MB[device])
         for label, c_rows, c_grads in (("before", *cases[:2]), ("after", *cases[2:])):
             r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
             result = dict(results[c_grads], split=_split_of(c_grads, results[c_grads]))
@@ -130,7 +161,8 @@ def model(device: str) -> list[dict]:
             step = r1["time"] + r2["time"]
             rows.append(dict(B=B, hidden=h, mode=mode, version=label, S=f"{split} / {groups}", rows_us=r1["time"],
                              rows_bound=r1["bound"], grads_us=r2["time"], grads_bound=r2["bound"],
-                             grads_grid=r2["grid"], step_us=step, roofline_us=roof, ratio=step / roof))
+                             grads_grid=r2["grid"], step_us=step, roofline_us=roof, ratio=step / roof,
+                             floor_us=floor, floor_ratio=floor / roof))
     return rows
 
 
@@ -145,13 +177,17 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
              "after the splits: S slices of the rows per weight-gradient tile, G programs per row block sharing "
              "the hidden layer. "
              f"Assumptions: {STEP_NS:g} ns per dependent K-step, L2 {L2_TBPS:g} TB/s, {LAUNCH_US:g} µs per launch "
-             "(see bench/model.py). Nothing here is measured: no GPU run exists yet.", "",
+             "(see bench/model.py). Nothing here is measured: no GPU run exists yet. The two-launch floor is "
+             "the least any step of two launches can take under the same assumptions, whatever its tiles "
+             "(`two_launch_floor`: x read in both, the activations and gradients written and read once).", "",
              "| B | hidden | mode | version | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
-             "roofline µs | step / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "roofline µs | step / roofline | two-launch floor µs (/ roofline) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "
                      f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
-                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.1f}× |")
+                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.1f}× | "
+                     f"{r['floor_us']:.1f} ({r['floor_ratio']:.1f}×) |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -168,7 +204,7 @@ def committed(device_name: str, root: Path | None = None) -> dict:
     out = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[3] == "after":
+        if len(cells) >= 10 and cells[3] == "after":
             out[(int(cells[0]), int(cells[1]), cells[2])] = tuple(float(cells[i].split()[0]) for i in (5, 6, 7))
     return out
 

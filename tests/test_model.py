@@ -46,8 +46,21 @@ def test_the_split_is_never_predicted_slower():
     rows = model.model("h200")
     by_key = {(r["B"], r["hidden"], r["mode"], r["version"]): r for r in rows}
     for (B, h, mode, version), r in by_key.items():
+        assert r["step_us"] >= r["floor_us"] - 1e-9, (B, h, mode, version)  # no tiles beat the floor
         if version == "after":
             assert r["step_us"] <= by_key[(B, h, mode, "before")]["step_us"] + 1e-9, (B, h, mode)
+
+
+def test_the_two_launch_floor_reads_x_twice_where_it_does_not_fit_in_l2():
+    """bf16, hidden 128: at 65536 rows x (103 MB) is read from HBM by both launches, so no two-launch step comes
+    within 1.5× of the roofline (which reads it once); at 16384 rows (26 MB) launch 2 finds it in L2."""
+    x_us = lambda B: 2 * B * model.N_IN / PEAK.bandwidth * 1e6  # noqa: E731
+    big = model.two_launch_floor(65536, 128, "bf16", PEAK, model.L2_MB["h200"])
+    assert big >= 2 * x_us(65536) + 2 * model.LAUNCH_US
+    assert big > 1.5 * model.work_roofline(65536, 128, "bf16", PEAK)
+    assert big == model.two_launch_floor(65536, 128, "bf16", PEAK, 0)
+    small = model.two_launch_floor(16384, 128, "bf16", PEAK, model.L2_MB["h200"])
+    assert 0 < model.two_launch_floor(16384, 128, "bf16", PEAK, 0) - small <= x_us(16384)
 
 
 def test_committed_predictions_are_read_for_the_gpu_check():
