@@ -218,7 +218,7 @@ def rows_kernel(
                                  activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
 
 
-LARGE_BATCH = 16384  # rows from which the train step's row kernel takes 64-row tiles (TF32 and 16-bit dtypes)
+LARGE_BATCH = 16384  # rows from which the row kernel takes the tensor cores' 64- and 128-row tiles (TF32, 16-bit)
 
 
 def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
@@ -238,7 +238,11 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       float64 (16 spill 8 B at B = 1), 8 warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
       from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
       weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
-      keeps 16);
+      keeps 16) —, and 128-row tiles in 16-bit dtypes for two layers with a hidden width that is a multiple of
+      16 and at most 128 outputs (half the re-reads again: at 65536 rows, hidden 1024, bf16, launch 1 207.9 →
+      123.6 µs predicted; 202–255 registers, no spills on sm_80 and sm_90 with Triton 3.6's and 3.8's ptxas,
+      relu and sigmoid; at 256 outputs, three layers or an unaligned hidden layer they spill 88–1300 B, TF32
+      takes 253–255 registers and spills 12–100 B with sigmoid, 16 warps spill too);
     - backward only (a module's backward): 16 rows, slices as the forward's, 4 warps, 2 stages.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
@@ -247,14 +251,15 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     half = dtype.itemsize == 2
     large = forward and n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide
 
-    def large_tiles(block_h):  # from LARGE_BATCH rows, with a forward: the tensor cores' 64-row tiles
-        return dict(BLOCK_M=64, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
+    def large_tiles(block_h, block_m=64):  # from LARGE_BATCH rows, with a forward: the tensor cores' tiles
+        return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
                     BLOCK_OUT=block_out, num_warps=8, num_stages=2)
 
     if forward and backward:
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
-        if large:
-            return large_tiles(block_h)
+        if large:  # 128 rows in 16-bit dtypes for two layers, an aligned hidden layer and at most 128 outputs
+            tall = half and len(widths) == 3 and widths[1] % 16 == 0 and block_out <= 128
+            return large_tiles(block_h, 128 if tall else 64)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and any(n % 16 for n in widths[1:-1]):  # unaligned fp32 tiles (the course's 100): 32 and

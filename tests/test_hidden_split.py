@@ -28,24 +28,24 @@ def _net(dtype, bias, seed=0):
     return to(x), [to(w1), to(w2)], [to(b) for b in biases], classes.to(DEVICE), r(B, N_OUT).to(DEVICE, dtype)
 
 
-def _exact(x, weights, biases, activation, loss, classes, target):
+def _exact(x, weights, biases, activation, loss, classes, target, block_m=CONFIG["BLOCK_M"]):
     """Float64 outputs of the row pass (:func:`pyfused.torch_ops.row_pass`), the hidden layer's as tensors."""
     ref = torch_ops.row_pass(x.double(), [w.double() for w in weights],
                              [None if b is None else b.double() for b in biases], (activation,), loss,
-                             classes if loss == "class" else target.double(), CONFIG["BLOCK_M"], IGNORE)
+                             classes if loss == "class" else target.double(), block_m, IGNORE)
     return dict(ref, acts=ref["acts"][0], dpres=ref["dpres"][0])
 
 
-def _rows(x, weights, biases, activation, loss, classes, target, split, mode):
+def _rows(x, weights, biases, activation, loss, classes, target, split, mode, config=CONFIG):
     """One launch of the row kernel with G = ``split``: "step" (forward, loss and backward rows, as the train
-    step) or "forward" (a module's forward: activations and the head's output)."""
+    step) or "forward" (a module's forward: activations and the head's output), with ``config``'s tiles."""
     new = lambda *s: torch.empty(s, dtype=x.dtype, device=x.device)  # noqa: E731
     acc = torch.promote_types(x.dtype, torch.float32)
     outs = dict(acts=new(B, HIDDEN))
-    kwargs = dict(head="log_softmax" if loss == "class" else "logits", split=split, config=CONFIG)
+    kwargs = dict(head="log_softmax" if loss == "class" else "logits", split=split, config=config)
     if mode == "step":
         outs.update(dpres=new(B, HIDDEN), dz=new(B, N_OUT),
-                    stats=torch.empty(triton.cdiv(B, CONFIG["BLOCK_M"]), 2, dtype=acc, device=x.device))
+                    stats=torch.empty(triton.cdiv(B, config["BLOCK_M"]), 2, dtype=acc, device=x.device))
         kwargs.update(loss=loss, target=classes if loss == "class" else target, dpres=[outs["dpres"]],
                       dz=outs["dz"], stats=outs["stats"])
     else:
@@ -80,6 +80,20 @@ def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, 
     assert seen[0].grid == (triton.cdiv(B, CONFIG["BLOCK_M"]) * groups,) and seen[0].kwargs["HSPLIT"]
     counters = [c for (kernel, device, _), c in COUNTERS.items() if kernel == "rows" and device == net[0].device]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch leaves them at 0
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_batch_row_tiles_match_float64(kernels, dtype, block_m):
+    """The large-batch tiles of the train step's row pass (64 rows; 128 in 16-bit dtypes), here over 40 rows —
+    one ragged block —, 8 warps, unsplit: every output against float64."""
+    config = dict(CONFIG, BLOCK_M=block_m, BLOCK_K=32, BLOCK_H=64, num_warps=8)
+    net = _net(dtype, True)
+    ours, seen = _rows(*net[:3], "relu", "class", *net[3:], 1, "step", config)
+    exact = _exact(*net[:3], "relu", "class", *net[3:], block_m)
+    assert seen[0].grid == (1,) and seen[0].kwargs["BLOCK_M"] == block_m
+    for name, value in ours.items():
+        torch.testing.assert_close(value.double(), exact[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
 
 
 def test_no_split_without_a_forward_or_with_more_layers_or_a_single_slice(kernels):
