@@ -233,9 +233,11 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
       columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns; up to 16 rows K steps
       of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
-      warps and 2 stages leave 3 spilling 4–8 B (64 and 128 rows); 8 warps spill at 10 or more, 8 warps with K
-      steps of 16 at 9; 1 stage at none of these three, but gives up the K loop's pipelining, which is neither
-      modelled nor measured yet. ``"accumulate"`` with K steps of 16 and
+      warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
+      at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
+      none, but it gives up the K loop's pipelining. So: float64 (a correctness dtype, FMA-bound) takes 1 stage,
+      Adam K steps of 16 (its two moments: none of its 40 spills), SGD in 16-bit dtypes 3 stages (none of them
+      spills) — no spills left. ``"accumulate"`` with K steps of 16 and
       8 warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
       blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
     """
@@ -249,9 +251,17 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     wide = n_rows > WIDE_FROM and wide_ok
     block_n = ((128 if dtype.itemsize == 2 and optimizer == "sgd" else 64) if update else 32) if wide else 16
+    block_k, stages = (dot_block(n_rows, 32), 2) if update else (16, 2)
+    if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
+        if dtype == torch.float64:
+            stages = 1
+        elif optimizer != "sgd":
+            block_k = dot_block(n_rows, 16)
+        elif dtype.itemsize == 2:
+            stages = 3
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=block_n, BLOCK_K=dot_block(n_rows, 32) if update else 16, BLOCK_DX=32, BLOCK_R=block_r,
-                num_warps=4 if update and block_n < 64 else 16 if block_n == 128 else 8, num_stages=2)
+                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DX=32, BLOCK_R=block_r,
+                num_warps=4 if update and block_n < 64 else 16 if block_n == 128 else 8, num_stages=stages)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
