@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -313,9 +314,20 @@ def stage_timings(report: Report, device: torch.device, **sizes) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- 6. registers
+def committed_report_path(arch: str) -> Path:
+    """The committed compile report of ``arch`` made with this Triton's minor version
+    (``bench/results/compile/triton-<major.minor>/<arch>.md``, e.g. the GPU machine's 3.6) where there is one, else
+    the development stack's ``bench/results/compile/<arch>.md``."""
+    import triton
+
+    folder = ROOT / "bench" / "results" / "compile"
+    same = folder / f"triton-{'.'.join(triton.__version__.split('.')[:2])}" / f"{arch}.md"
+    return same if same.exists() else folder / f"{arch}.md"
+
+
 def committed_report(arch: str) -> dict:
-    """(kernel label, mode, bias) → (regs, spill text) from the committed ``bench/results/compile/<arch>.md``."""
-    path = ROOT / "bench" / "results" / "compile" / f"{arch}.md"
+    """(kernel label, mode, bias) → (regs, spill text) from the committed report (:func:`committed_report_path`)."""
+    path = committed_report_path(arch)
     if not path.exists():
         return {}
     table, found = {}, False
@@ -367,7 +379,8 @@ def stage_registers(report: Report, device: torch.device) -> None:
             spilled.append(f"{label} {case.mode}")
     report.rows("registers", rows)
     lines = [f"Kernels of a seed step (no bias, relu) compiled by this machine's Triton/driver for {arch}, against "
-             f"the committed `bench/results/compile/{arch}.md` (bundled ptxas). Spills are bytes reported by the "
+             f"the committed `{committed_report_path(arch).relative_to(ROOT)}` (bundled ptxas). Spills are bytes "
+             "reported by the "
              "driver's compile.", ""]
     lines += table(["kernel", "mode", "regs (driver)", "spills (driver)", "regs (committed)", "spill (committed)",
                      "same regs"], [[r[k] for k in ("kernel", "mode", "driver_regs", "driver_spills", "committed_regs",
