@@ -137,11 +137,12 @@ def _split_of(case: gc.Case, result: dict) -> int:
         return case.split
     import torch
 
-    from pyfused.kernels.grads import split_count, tile_counts
+    from pyfused.kernels.grads import resident_programs, split_count, tile_counts
 
     tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
     return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
-                       tensor_cores=case.mode in ("tf32", "bf16", "fp16"))
+                       tensor_cores=case.mode in ("tf32", "bf16", "fp16"),
+                       resident=resident_programs(result["config"], "update"))
 
 
 def model(device: str) -> list[dict]:

@@ -270,24 +270,33 @@ MAX_SLICE_ROWS = 4096  # and at most this many: the dependent K-steps of one pro
 MAX_SPLIT = 64
 
 
+def resident_programs(cfg: dict, epilogue: str) -> int:
+    """Programs of :func:`grads_kernel` an SM holds at once, as :func:`split_count` counts them: 1 for the wide
+    update tiles (64 or 128 columns: 128–189 registers × 256–512 threads, one block per SM in the compile
+    report), else 2 (3–7 fit)."""
+    return 1 if epilogue == "update" and cfg["BLOCK_N"] >= 64 else 2
+
+
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None,
-                whole_waves: bool = False, tensor_cores: bool = False) -> int:
+                whole_waves: bool = False, tensor_cores: bool = False, resident: int = 2) -> int:
     """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
     leave SMs idle (fewer tiles than SMs): enough programs to fill the GPU twice over — with ``whole_waves``
-    (the train step: 1–2 resident programs per SM, and its loss program) no more than fit two waves, since a
-    third wave of a few programs costs a whole chain; with ``tensor_cores`` too (TF32, 16-bit dtypes), not at
-    all once the tiles fill half of the SMs (hidden 1024 in TF32: 120 tiles of 64 columns, a launch bound by L2 where
-    the partials only add traffic) — and no slice longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS,
-    at most MAX_SPLIT (with a full grid the partials' traffic would cost more than the
-    parallelism brings: ``python -m bench.model``). ``sm_count`` stands for a GPU of that many SMs (the compile
-    report); without it, 1 (no split) off CUDA — Triton's interpreter runs programs one after another, and tests
-    pass ``split`` to :func:`grads` to take the split path there."""
+    (the train step, and its loss program) no more than fit one wave of ``resident`` programs per SM
+    (:func:`resident_programs`), since a further wave of a few programs costs a whole chain (bf16 at 16384
+    rows, hidden 128, one program per SM: S = 32 → 16, launch 2 14.5 → 9.8 µs predicted); with
+    ``tensor_cores`` too (TF32, 16-bit dtypes), not at all once the tiles fill half of the SMs (hidden 1024 in
+    TF32: 120 tiles of 64 columns, a launch bound by L2 where the partials only add traffic) — and no slice
+    longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the
+    partials' traffic would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count``
+    stands for a GPU of that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's
+    interpreter runs programs one after another, and tests pass ``split`` to :func:`grads` to take the split
+    path there."""
     sm_count = sms(device, sm_count)
     if sm_count is None:
         return 1
     if n_tiles == 0 or n_tiles >= sm_count or (whole_waves and tensor_cores and 2 * n_tiles > sm_count):
         return 1
-    fill = (2 * sm_count - 1) // n_tiles if whole_waves else triton.cdiv(2 * sm_count, n_tiles)
+    fill = (resident * sm_count - 1) // n_tiles if whole_waves else triton.cdiv(2 * sm_count, n_tiles)
     want = max(fill, triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
 
@@ -323,7 +332,8 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     tiles = tile_counts(widths, cfg, need)
     if split is None:
         split = split_count(n_rows, sum(tiles), x.device, sm_count, whole_waves=epilogue != "store",
-                            tensor_cores=precision == "tf32" or x.dtype.itemsize == 2)
+                            tensor_cores=precision == "tf32" or x.dtype.itemsize == 2,
+                            resident=resident_programs(cfg, epilogue))
     splits = (split,) * n_layers if isinstance(split, int) else tuple(split)
     # rows per slice, a multiple of BLOCK_K (each slice's K loop is whole steps), and the S that covers B
     chunks = tuple(triton.cdiv(triton.cdiv(max(n_rows, 1), s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits)

@@ -92,6 +92,17 @@ def test_train_step_with_a_split_matches_the_eager_loop(kernels, loss, optimizer
         torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
 
 
+def test_resident_programs_of_the_update_tiles():
+    """One per SM for the wide update tiles (64 and 128 columns), two for the others (the compile report: 1 block
+    per SM at 128–189 registers × 256–512 threads; 3–7 for 16-column update and accumulate tiles)."""
+    wide = lambda dtype, epilogue, **kw: G.grads_config(16384, (784, 128, 10), dtype, epilogue, **kw)  # noqa: E731
+    assert G.resident_programs(wide(torch.bfloat16, "update"), "update") == 1  # 128 columns, 16 warps
+    assert G.resident_programs(wide(torch.float32, "update", precision="tf32"), "update") == 1  # 64 columns
+    assert G.resident_programs(wide(torch.float32, "update"), "update") == 2  # fp32 IEEE: 16 columns
+    assert G.resident_programs(wide(torch.bfloat16, "accumulate"), "accumulate") == 2
+    assert G.resident_programs(G.grads_config(128, (784, 128, 10), torch.bfloat16, "update"), "update") == 2
+
+
 def test_how_many_slices():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert G.split_count(128, 58, cuda, sm_count=132) == 1  # the seed step: no split
@@ -100,9 +111,14 @@ def test_how_many_slices():
     assert G.split_count(65536, 229, cuda, sm_count=132) == 1  # hidden 1024: the tiles fill the GPU already
     assert G.split_count(1 << 22, 58, cuda, sm_count=132) == G.MAX_SPLIT
     assert G.split_count(65536, 58, cpu) == 1  # the interpreter: never (tests force it)
-    # the train step's update (8 warps, 1 program per SM) and its loss program: no third wave for a few programs
+    # the train step's update and its loss program: no further wave for a few programs
     assert G.split_count(16384, 15, cuda, sm_count=132) == 18  # 271 programs: a module's backward fills more
-    assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True) == 17  # 256 of 264
+    assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True) == 17  # 256 of 2 · 132
+    # TF32's 64-column (8 warps) and 16-bit's 128-column (16 warps) update tiles: one program per SM, one wave
+    assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 8
+    assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 16
+    assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 32  # two waves
+    assert G.split_count(65536, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 16
     assert G.split_count(16384, 120, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 1  # hidden 1024
     assert G.split_count(16384, 58, cuda, sm_count=108, whole_waves=True) == 4  # fp32 IEEE on an A100: FMA-bound
     assert G.split_count(16384, 104, cuda, sm_count=132) == 4  # a module's backward at 32 × 32 tiles
