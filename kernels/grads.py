@@ -237,8 +237,8 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
       none, but it gives up the K loop's pipelining. So: float64 (a correctness dtype, FMA-bound) takes 1 stage,
       Adam K steps of 16 (its two moments: none of its 40 spills), SGD in 16-bit dtypes 3 stages (none of them
-      spills) — no spills left with Triton 3.8 (3.6's ptxas spills 4–104 B in four of them, three in float64:
-      ``bench/results/compile/triton-3.6``). ``"accumulate"`` with K steps of 16 and
+      spills) — no spills left with Triton 3.8 (3.6's ptxas spills 4–104 B in four of them, three in float64,
+      whatever the variant: ``bench/results/compile/triton-3.6``). ``"accumulate"`` with K steps of 16 and
       8 warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
       blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
     """
