@@ -133,16 +133,19 @@ def _cases(arch):
 
 
 def _split_of(case: gc.Case, result: dict) -> int:
-    if case.split is not None:
-        return case.split
+    """The S of the launch: the case's, else :func:`split_count`'s for the launcher's config — checked against
+    the grid the launcher made (its tiles × S, and the loss program), so the model never prices another S."""
     import torch
 
     from pyfused.kernels.grads import resident_programs, split_count, tile_counts
 
     tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
-    return split_count(case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
-                       tensor_cores=case.mode in ("tf32", "bf16", "fp16"),
-                       resident=resident_programs(result["config"], "update"))
+    split = case.split if case.split is not None else split_count(
+        case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
+        tensor_cores=case.mode in ("tf32", "bf16", "fp16"), resident=resident_programs(result["config"], "update"))
+    if result["grid"][0] != tiles * split + 1:
+        raise RuntimeError(f"{case}: the launcher's grid {result['grid']} is not {tiles} tiles × S = {split} + 1")
+    return split
 
 
 def model(device: str) -> list[dict]:
