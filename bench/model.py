@@ -22,9 +22,9 @@ shared memory and resident blocks per SM those of Triton's compile for the devic
 The constants are assumptions (H100/H200-class numbers from public microbenchmarks, not measured here), named so
 that a GPU run can replace them; the model's error is unknown until ``python -m bench.gpu_check`` and ``python -m
 bench`` have run on the device. The step's roofline is :func:`bench.roofline.work`'s ``train_step``; beside it,
-:func:`two_launch_floor`, what no two-launch step can beat under the same constants (where it is above 1.5× the
-roofline — hidden 128 in TF32 and bf16 at 16384 rows and more — only one launch that reads x once could reach
-that).
+:func:`two_launch_floor`, what no two-launch step can beat under the same constants (from 16384 rows it is above
+1.5× the roofline at hidden 128 in TF32 and bf16, where only one launch that reads x once could come within
+1.5×; at small B the two launches' own cost sets it).
 """
 from __future__ import annotations
 

@@ -235,7 +235,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
-      fp32 IEEE from 256 outputs —, 32 for float64 (16 spill 8 B at B = 1), 8 warps (16 past 256 outputs: 4
+      fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8 warps (16 past 256 outputs: 4
       warps spill in fp32 IEEE);
       from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
       weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
@@ -264,8 +264,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and (any(n % 16 for n in widths[1:-1]) or precision != "tf32" and block_out >= 256):
-            block_k = 16  # unaligned fp32 tiles (the course's 100): 32 and 64 spill 4-12 B on sm_90; fp32 IEEE at
-            # 256 outputs or more: 32 spills 8 B on sm_90 with Triton 3.6
+            block_k = 16  # unaligned fp32 tiles (the course's 100): 32 and 64 spill 4-12 B on sm_90; fp32 IEEE
+            # with a logits tile of 256 or more: 32 spills 8 B at 256 outputs on sm_90 with Triton 3.6
         else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
             block_k = 64 if half or precision == "tf32" else 32
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,

@@ -88,6 +88,19 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
     assert "Seed step" in text and "speed ratio" in text
 
 
+def test_the_committed_report_of_the_running_triton(monkeypatch):
+    """gpu_check compares with the report of its own Triton minor version where one is committed (the GPU
+    machine's 3.6), else with the development stack's."""
+    import triton
+
+    folder = stages.ROOT / "bench" / "results" / "compile"
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert stages.committed_report_path("sm_90") == folder / "triton-3.6" / "sm_90.md"
+    assert stages.committed_report("sm_90")[("step_rows", "fp32", "no")][0].isdigit()
+    monkeypatch.setattr(triton, "__version__", "9.9.0")
+    assert stages.committed_report_path("sm_90") == folder / "sm_90.md"
+
+
 def test_committed_compile_report_parses():
     table = stages.committed_report("sm_90")
     for kernel in ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads"):

@@ -36,6 +36,11 @@ LARGE = [  # the train step's and a module forward's 64- and 128-row tiles (TF32
     gc.Case(kernel, arch, mode, True, 16384, 784, 128, 10)
     for kernel in ("step_rows", "step_rows_mse", "forward_loss", "forward")
     for arch, mode in (("sm_90", "tf32"), ("sm_90", "bf16"), ("sm_90", "fp16"), ("sm_80", "tf32"), ("sm_80", "bf16"))
+] + [  # the train step's 128-row tiles beyond the seed's widths: hidden 1024, 128 outputs, sigmoid, no bias
+    gc.Case("step_rows", arch, mode, bias, B, 784, hidden, out, activation=act)
+    for arch in gc.ARCHS for mode in ("bf16", "fp16")
+    for bias, B, hidden, out, act in ((True, 65536, 1024, 10, "relu"), (True, 16384, 48, 128, "relu"),
+                                      (False, 16384, 128, 10, "sigmoid"))
 ]
 HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the train step in every mode but fp64; the
     # module forward where it splits (TF32, 16-bit dtypes: 2 groups of 64 at the seed shape)

@@ -92,6 +92,18 @@ def test_train_step_with_a_split_matches_the_eager_loop(kernels, loss, optimizer
         torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
 
 
+def test_the_narrow_update_tiles_per_dtype_and_optimizer():
+    """The 16-column update tiles (small B, fp32 IEEE, float64) by the compile report's rules: K steps of 32, 2
+    stages; float64 1 stage; Adam K steps of 16; SGD in 16-bit dtypes 3 stages."""
+    cfg = lambda dtype, opt="sgd": G.grads_config(128, (784, 128, 10), dtype, "update", optimizer=opt)  # noqa: E731
+    key = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])  # noqa: E731
+    assert key(cfg(torch.float32)) == (16, 32, 4, 2)
+    assert key(cfg(torch.float64)) == (16, 32, 4, 1)
+    assert key(cfg(torch.float32, "adam")) == key(cfg(torch.float16, "adam")) == (16, 16, 4, 2)
+    assert key(cfg(torch.float16)) == key(cfg(torch.bfloat16)) == (16, 32, 4, 3)
+    assert key(G.grads_config(16384, (784, 128, 10), torch.float32, "update")) == (16, 32, 4, 2)  # fp32 IEEE
+
+
 def test_resident_programs_of_the_update_tiles():
     """One per SM for the wide update tiles (64 and 128 columns), two for the others (the compile report: 1 block
     per SM at 128–189 registers × 256–512 threads; 3–7 for 16-column update and accumulate tiles)."""
