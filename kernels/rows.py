@@ -235,8 +235,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
-      fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8 warps (16 past 256 outputs: 4
-      warps spill in fp32 IEEE);
+      fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
+      warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
       from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
       weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
       keeps 16) —, and 128-row tiles in 16-bit dtypes for two layers with a hidden width that is a multiple of
