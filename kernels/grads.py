@@ -252,7 +252,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     wide = n_rows > WIDE_FROM and wide_ok
     block_n = ((128 if dtype.itemsize == 2 and optimizer == "sgd" else 64) if update else 32) if wide else 16
-    block_k, stages = (dot_block(n_rows, 32), 2) if update else (16, 2)
+    block_k, stages = dot_block(n_rows, 32) if update else 16, 2
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:
             stages = 1

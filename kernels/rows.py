@@ -250,6 +250,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     hidden = max(widths[1:-1])
     wide = block_out > 256
     half = dtype.itemsize == 2
+    aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
     large = forward and n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide
 
     def large_tiles(block_h, block_m=64):  # from LARGE_BATCH rows, with a forward: the tensor cores' tiles
@@ -259,11 +260,11 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     if forward and backward:
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
         if large:  # 128 rows in 16-bit dtypes for two layers, an aligned hidden layer and at most 128 outputs
-            tall = half and len(widths) == 3 and widths[1] % 16 == 0 and block_out <= 128
+            tall = half and len(widths) == 3 and aligned and block_out <= 128
             return large_tiles(block_h, 128 if tall else 64)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
-        elif not half and (any(n % 16 for n in widths[1:-1]) or precision != "tf32" and block_out >= 256):
+        elif not half and (not aligned or precision != "tf32" and block_out >= 256):
             block_k = 16  # unaligned fp32 tiles (the course's 100): 32 and 64 spill 4-12 B on sm_90; fp32 IEEE
             # with a logits tile of 256 or more: 32 spills 8 B at 256 outputs on sm_90 with Triton 3.6
         else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
@@ -272,7 +273,6 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
                     num_warps=16 if wide else 8, num_stages=2)
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
-    aligned = all(n % 16 == 0 for n in widths[1:-1])
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if large:
         return large_tiles(block_h)
