@@ -217,6 +217,19 @@ def _dtype(mode: str):
             "fp64": torch.float64}[mode]
 
 
+def _step_row_partials(case: Case, t, acc):
+    """The train step's last-layer row partials for the case (:func:`pyfused.kernels.rows.row_partials_pay`,
+    as :class:`pyfused.step_kernels.KernelStepPath` makes them), or None."""
+    from pyfused.kernels.rows import row_partials_pay, rows_config
+
+    dtype, widths = _dtype(case.mode), case.widths
+    precision = "tf32" if case.mode == "tf32" else "ieee"
+    if not row_partials_pay(case.n_rows, widths, dtype, precision):
+        return None
+    cfg = rows_config(case.n_rows, widths, dtype, forward=True, backward=True, precision=precision)
+    return t(-(-case.n_rows // cfg["BLOCK_M"]), widths[-1] * (widths[-2] + 1), dt=acc)
+
+
 def _call_launcher(case: Case, module, device="meta") -> None:
     """Call the launcher of ``case.kernel`` on zero tensors of the case's sizes: ``meta`` tensors to capture the
     launch without a GPU, or CUDA tensors to compile and run it there (``python -m bench.gpu_check``)."""
@@ -244,9 +257,10 @@ def _call_launcher(case: Case, module, device="meta") -> None:
                                       device=torch.device("cuda")), 2, dt=acc)
         split = dict(split=case.hsplit, sm_count=SM_COUNTS.get(case.arch))
         if k.startswith("step"):
+            parts = _step_row_partials(case, t, acc)  # as the train step's workspace has them
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
-                        target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]], dz=out, stats=stats,
-                        **split)
+                        target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]],
+                        dz=out if parts is None else None, stats=stats, row_partials=parts, **split)
         elif k in ("forward_loss", "forward_mse"):
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
                         target=target, acts=acts, dz=out, stats=stats, **split)
@@ -266,12 +280,18 @@ def _call_launcher(case: Case, module, device="meta") -> None:
                            for p in pair]
         flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases),
                      sm_count=SM_COUNTS.get(case.arch), split=case.split)
+        if k.startswith("step"):
+            flags["row_partials"] = _step_row_partials(case, t, acc)
         if k in ("grads", "grads_dx"):
             dx = t(n_rows, case.n_in) if k == "grads_dx" else None
             module.grads(x, weights, acts, dpres, grads=like(dtype), dx=dx, **flags)
             return
         params = [p for pair in zip(weights, biases) for p in pair]
-        stats = t(module.triton.cdiv(n_rows, 16), 2, dt=acc)
+        from pyfused.kernels.rows import rows_config  # R stats rows: the row blocks of the train step's launch 1
+
+        r_cfg = rows_config(n_rows, widths, dtype, forward=True, backward=True,
+                            precision="tf32" if case.mode == "tf32" else "ieee")
+        stats = t(module.triton.cdiv(n_rows, r_cfg["BLOCK_M"]), 2, dt=acc)
         if k == "step_accumulate":  # with a process group's all-reduced totals
             module.grads(x, weights, acts, dpres, epilogue="accumulate", grads=like(acc), stats=stats,
                          totals=t(2, dt=acc), loss=t(), k=3, add=True, **flags)

@@ -13,8 +13,8 @@ shared memory and resident blocks per SM those of Triton's compile for the devic
 - **chain**: the dependent K-steps of one program (the reduction loop — with G > 1, the program's share of the
   hidden slices, then on the last one the G partials and every slice's backward —; the statistics loop of the update
   epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
-- **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, and the
-  split partials) at ``L2_TBPS``;
+- **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, less
+  the columns a tile's masks leave out past the matrix's edge, and the split partials) at ``L2_TBPS``;
 - **HBM**: the compulsory bytes (x once per launch; launch 1 writes the activations, their gradients and dz
   once, launch 2 reads them; parameters and momentum read and written once) at the datasheet bandwidth;
 - **launch**: ``LAUNCH_US`` per launch (launch latency and the tail of the last wave).
@@ -51,6 +51,23 @@ def _elem(mode):
     return 2 if mode == "bf16" else 4
 
 
+def _row_partials(case: gc.Case) -> tuple[bool, int]:
+    """Whether the case's launch 1 makes the last layer's row partials
+    (:func:`pyfused.kernels.rows.row_partials_pay`), and R, its row blocks (``rows_config``'s tiles)."""
+    from pyfused.kernels.rows import row_partials_pay, rows_config
+
+    dtype, precision = gc._dtype(case.mode), "tf32" if case.mode == "tf32" else "ieee"
+    cfg = rows_config(case.n_rows, case.widths, dtype, forward=True, backward=True, precision=precision)
+    return (row_partials_pay(case.n_rows, case.widths, dtype, precision),
+            math.ceil(case.n_rows / cfg["BLOCK_M"]))
+
+
+def _parts_per_step() -> int:
+    from pyfused.kernels.grads import PARTS_PER_STEP
+
+    return PARTS_PER_STEP
+
+
 def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: str) -> dict:
     """The five terms (µs) of one launch and its predicted time: ``kind`` "rows" (launch 1) or "grads" (launch
     2), ``result`` the compile result of ``case`` (grid, config, blocks per SM)."""
@@ -59,11 +76,13 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
     widths = (case.n_in, h, case.n_out)
     resident = max(1, result["blocks_per_sm"]) * sms
     waves = math.ceil(grid / resident)
+    partials, n_blocks = _row_partials(case)  # launch 1 makes the last layer's dW per row block, launch 2 sums them
+    part_bytes = 4 * n_blocks * N_OUT * (h + 1) if partials else 0
     if kind == "rows":
         bm, bk, bh = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_H"]
         groups = grid // math.ceil(B / bm)  # G programs per row block share the hidden layer (HSPLIT)
         slices = math.ceil(h / bh)
-        flops = 2 * B * (N_IN * h + 2 * h * N_OUT)
+        flops = 2 * B * (N_IN * h + (3 if partials else 2) * h * N_OUT)
         # x per program, the weights once per row block (shared by its G programs), activations, gradients, dz
         l2 = s * (grid * bm * N_IN + grid // groups * h * (N_IN + 2 * N_OUT) + B * (2 * h + N_OUT))
         if groups > 1:  # each its share of the slices; the last also the G partials and every slice's backward
@@ -73,18 +92,25 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
             chain = slices * (math.ceil(N_IN / bk) + 2)
         # x and the weights in; the activations, their gradients and dz out, once (the backward rows read the
         # block's activations back from L2, just written)
-        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT)
+        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + (0 if partials else N_OUT)) + part_bytes
     else:
         bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
         split = result.get("split", 1)
         rows = math.ceil(B / split)
         flops = 2 * B * (N_IN * h + h * N_OUT)
-        chain = math.ceil(rows / bk) + math.ceil(math.ceil(B / 16) / br) + (split if split > 1 else 0)
-        tiles = [math.ceil(widths[i + 1] / bms[i]) * math.ceil(widths[i] / bn) for i in range(2)]
-        l2 = sum(t * split * s * rows * (bms[i] + bn) for i, t in enumerate(tiles))
+        layers = 1 if partials else 2  # with the row partials, the last layer's tiles only sum them
+        flops = 2 * B * (N_IN * h + (0 if partials else h * N_OUT))
+        stats = math.ceil(n_blocks / br)  # the statistics every program sums
+        chain = math.ceil(rows / bk) + stats + (split if split > 1 else 0)
+        if partials:  # R partials, PARTS_PER_STEP loads in flight per step
+            chain = max(chain, math.ceil(n_blocks / _parts_per_step()) + stats)
+        # each tile its rows of D_i and of A_i, less the columns its masks leave out (past n_{i+1}, n_i)
+        l2 = sum(split * s * rows * (math.ceil(widths[i] / bn) * widths[i + 1] + math.ceil(widths[i + 1] / bms[i])
+                                     * widths[i]) for i in range(layers)) + part_bytes
         params = N_IN * h + h + h * N_OUT + N_OUT
-        l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * math.ceil(B / 16)
-        hbm = s * B * (N_IN + 2 * h + N_OUT) + s * 4 * params  # x, h, dpre, dz once; p, momentum in and out
+        l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * n_blocks
+        # x, dpre (and h, dz, or the partials) once; p, momentum in and out
+        hbm = s * B * (N_IN + h + (0 if partials else h + N_OUT)) + part_bytes + s * 4 * params
     terms = {
         "math": flops / peak.flops[mode] * sms * math.ceil(grid / sms) / grid * 1e6,
         "chain": waves * chain * STEP_NS * 1e-3,
@@ -103,20 +129,20 @@ def work_roofline(B: int, h: int, mode: str, peak) -> float:
 
 def two_launch_floor(B: int, h: int, mode: str, peak, l2_mb: float) -> float:
     """The least time (µs) any two-launch step can take under these assumptions, whatever its tiles: launch 1
-    reads x and the weights and writes the activations, their gradients and dz once; launch 2 reads them and x
-    again (from L2 where x fits in it, else from HBM) and reads and writes the parameters and momentum; each at
-    least its FLOPs at the peak, its bytes at HBM (and L2) bandwidth, plus a launch. Where this floor is above
-    a bar on the step, only a step that reads x once (one launch, the weight gradients reduced as the rows
-    stream) can meet it."""
+    reads x and the weights, makes the last layer's gradient (as the row partials do) and writes the hidden
+    layer's gradient once — nothing else of the B rows need cross HBM —; launch 2 reads it and x again (from
+    L2 where x fits in it, else from HBM) and reads and writes the parameters and momentum; each at least its
+    FLOPs at the peak, its bytes at HBM (and L2) bandwidth, plus a launch. Where this floor is above a bar on
+    the step, only a step that reads x once (one launch, the weight gradients reduced as the rows stream) can
+    meet it."""
     s = _elem(mode)
     params = N_IN * h + h + h * N_OUT + N_OUT
     x = s * B * N_IN
-    launch1 = max(2 * B * (N_IN * h + 2 * h * N_OUT) / peak.flops[mode],
-                  (x + s * (N_IN * h + h * N_OUT) + s * B * (2 * h + N_OUT)) / peak.bandwidth)
-    reads = x + s * B * (2 * h + N_OUT) + s * 4 * params
+    launch1 = max(2 * B * (N_IN * h + 3 * h * N_OUT) / peak.flops[mode],
+                  (x + s * (N_IN * h + h * N_OUT) + s * B * h) / peak.bandwidth)
+    reads = x + s * B * h + s * 4 * params
     from_hbm = reads - x if x <= l2_mb * 1e6 else reads
-    launch2 = max(2 * B * (N_IN * h + h * N_OUT) / peak.flops[mode], from_hbm / peak.bandwidth,
-                  reads / (L2_TBPS * 1e12))
+    launch2 = max(2 * B * N_IN * h / peak.flops[mode], from_hbm / peak.bandwidth, reads / (L2_TBPS * 1e12))
     return (launch1 + launch2) * 1e6 + 2 * LAUNCH_US
 
 
@@ -139,12 +165,14 @@ def _split_of(case: gc.Case, result: dict) -> int:
 
     from pyfused.kernels.grads import resident_programs, split_count, tile_counts
 
-    tiles = sum(tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"]))
+    tiles = tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"])
     split = case.split if case.split is not None else split_count(
-        case.n_rows, tiles, torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
+        case.n_rows, sum(tiles), torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
         tensor_cores=case.mode in ("tf32", "bf16", "fp16"), resident=resident_programs(result["config"], "update"))
-    if result["grid"][0] != tiles * split + 1:
-        raise RuntimeError(f"{case}: the launcher's grid {result['grid']} is not {tiles} tiles × S = {split} + 1")
+    last = 1 if _row_partials(case)[0] else split  # the row partials' tiles are not split
+    if result["grid"][0] != tiles[0] * split + tiles[1] * last + 1:
+        raise RuntimeError(f"{case}: the launcher's grid {result['grid']} is not {tiles} tiles × S = "
+                           f"({split}, {last}) + 1")
     return split
 
 
@@ -183,15 +211,15 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
              f"Assumptions: {STEP_NS:g} ns per dependent K-step, L2 {L2_TBPS:g} TB/s, {LAUNCH_US:g} µs per launch "
              "(see bench/model.py). Nothing here is measured: no GPU run exists yet. The two-launch floor is "
              "the least any step of two launches can take under the same assumptions, whatever its tiles "
-             "(`two_launch_floor`: x read in both, the activations and gradients written and read once).", "",
+             "(`two_launch_floor`: x read in both, the hidden layer's gradient written and read once).", "",
              "| B | hidden | mode | version | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
              "roofline µs | step / roofline | two-launch floor µs (/ roofline) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "
                      f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
-                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.1f}× | "
-                     f"{r['floor_us']:.1f} ({r['floor_ratio']:.1f}×) |")
+                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× | "
+                     f"{r['floor_us']:.1f} ({r['floor_ratio']:.2f}×) |")
     path.write_text("\n".join(lines) + "\n")
     return path
 

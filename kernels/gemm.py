@@ -12,6 +12,16 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_indices(tile, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(rm, rn, pid_n)``: the row and column indices (int64) of tile ``tile`` of an ``M × N`` matrix in
+    row-major tile order, and its column of tiles."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = (tile // tiles_n).to(tl.int64)
+    pid_n = (tile % tiles_n).to(tl.int64)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_n
+
+
+@triton.jit
 def tile_product(
     a_ptr, stride_a_m, stride_a_k,  # A: (M, K)
     b_ptr, stride_b_k, stride_b_n,  # B: (K, N)
@@ -25,11 +35,7 @@ def tile_product(
     (deterministic), and with ROWSUM the tile rows' sums Σ_k A[m, k]. Returns ``(acc, row_sum, rm, rn, pid_n)``:
     the tile, the row sums (zeros without ROWSUM), its row and column indices (int64) and its column of tiles.
     Reads (BLOCK_M + BLOCK_N)·(k_hi − k_lo) elements."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = (tile // tiles_n).to(tl.int64)
-    pid_n = (tile % tiles_n).to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, pid_n = tile_indices(tile, N, BLOCK_M, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -75,10 +81,31 @@ def split_reduce(
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     last = arrived == n_split - 1
     if last:
-        for s in range(0, n_split):
-            src = part_ptr + s * stride
-            acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            if with_sum:
-                row_sum += tl.load(src + numel + m_offs, mask=m_mask, other=0.0, cache_modifier=".cg")
+        acc, row_sum = sum_partials(part_ptr, n_split, stride, numel, acc, row_sum, offs, mask, m_offs, m_mask,
+                                    with_sum, 1)
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
     return acc, row_sum, last
+
+
+@triton.jit
+def sum_partials(
+    part_ptr, n_parts, stride, numel,  # n_parts partials, each ``stride`` apart: M·N (= numel) values, M row sums
+    acc, row_sum, offs, mask, m_offs, m_mask,  # zeros, the tile's offsets and masks in a partial
+    with_sum, PARTS: tl.constexpr,  # whether row sums are summed too; partials loaded per step (in flight)
+):
+    """``(acc, row_sum)`` + the sums of the tile's values (and row sums) over the ``n_parts`` partials, one after
+    another in partial order — the same bits from run to run, the same sums whatever PARTS: each step issues PARTS
+    independent loads (in flight together) and adds them in order. Loads bypass L1 (``.cg``): other programs'
+    partials are in L2."""
+    for p0 in range(0, n_parts, PARTS):
+        for j in tl.static_range(PARTS):
+            p = p0 + j
+            acc += tl.load(part_ptr + p.to(tl.int64) * stride + offs, mask=mask & (p < n_parts), other=0.0,
+                           cache_modifier=".cg")
+    if with_sum:  # a loop of its own: fewer registers live in each
+        for p0 in range(0, n_parts, PARTS):
+            for j in tl.static_range(PARTS):
+                p = p0 + j
+                row_sum += tl.load(part_ptr + p.to(tl.int64) * stride + numel + m_offs, mask=m_mask & (p < n_parts),
+                                   other=0.0, cache_modifier=".cg")
+    return acc, row_sum

@@ -7,7 +7,9 @@ from :mod:`pyfused.kernels.rows`, ``dz`` for the last — and ``A_i`` its input,
 (those of the first column), and for a module whose x needs a gradient ``dx = D_1 w_1`` (``B × n_0``). Program
 ids ``[starts[i], starts[i+1])`` make layer i's ``BLOCK_MS[i] × BLOCK_N`` tiles (:func:`tile_product`), then come
 the dx tiles, then, for the train step, one program for the loss. Each tile is reduced over its K (the B rows)
-in a fixed order, no atomics on values: results are bit-identical from run to run. When the tiles alone would
+in a fixed order, no atomics on values: results are bit-identical from run to run. With ROW_PARTIALS the last
+layer's tiles instead sum the row pass's R per-row-block partials of its dW and db (:mod:`pyfused.kernels.rows`),
+in block order (:func:`pyfused.kernels.gemm.sum_partials`), and read neither dz nor ``A_L``. When the tiles alone would
 leave the GPU idle (large B), each tile's reduction is split into S slices of the rows (:func:`split_count`), S
 programs per tile: each stores its partial, the last to arrive sums the S partials in slice order
 (:func:`pyfused.kernels.gemm.split_reduce`) and runs the epilogue — still bit-identical from run to run, for a
@@ -39,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import split_reduce, tile_product
+from .gemm import split_reduce, sum_partials, tile_indices, tile_product
 from .launch import acc_dtype, arrival_counters, dot_block, dot_precision, launch
 from .launch import sm_count as sms
 from .layers import layer_input
@@ -156,11 +158,14 @@ def grads_kernel(
     n_rows, widths, starts,  # L + 1 feature counts; L + 2 program-id starts (layers, dx, loss program)
     parts, counters_ptr,  # SPLIT: L slice-partial buffers (ACC), int32 tile counters (zeros between launches)
     splits, chunks, counter_starts,  # SPLIT: per layer S, rows per slice, first counter of its tiles
+    lp_ptr, n_lp,  # ROW_PARTIALS: the row pass's per-row-block partials of the last layer's dW and db, R of them
     N_LAYERS: tl.constexpr, NEED: tl.constexpr, HAS_BIAS: tl.constexpr,  # tuples of L
     HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,  # tuples of 2L
     DX: tl.constexpr, EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr,
     LOSS_PROGRAM: tl.constexpr, MEAN: tl.constexpr, GLOBAL: tl.constexpr, ACC: tl.constexpr,
     SPLIT: tl.constexpr,  # per layer: whether its tiles' reductions are split (S = splits[i] > 1)
+    ROW_PARTIALS: tl.constexpr,  # the last layer's tiles sum the row pass's R partials (no reduction over B)
+    PARTS: tl.constexpr,  # ROW_PARTIALS: partials loaded per step
     BLOCK_MS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DX: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -177,10 +182,18 @@ def grads_kernel(
                     tile = tile // splits[i]
                     k_lo = part * chunks[i]
                     k_hi = tl.minimum(k_lo + chunks[i], n_rows)
-                src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
-                acc, row_sum, rm, rn, pid_n = tile_product(
-                    dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], k_lo, k_hi,
-                    tile, HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
+                if ROW_PARTIALS and i == N_LAYERS - 1:  # the sum of the row blocks' partials, in block order
+                    rm, rn, pid_n = tile_indices(tile, widths[i], BLOCK_MS[i], BLOCK_N)
+                    offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
+                    acc, row_sum = sum_partials(
+                        lp_ptr, n_lp, widths[i + 1] * widths[i] + widths[i + 1], widths[i + 1] * widths[i],
+                        tl.zeros((BLOCK_MS[i], BLOCK_N), dtype=ACC), tl.zeros((BLOCK_MS[i],), dtype=ACC), offs, mask,
+                        rm.to(tl.int32), m_mask, HAS_BIAS[i] & (pid_n == 0), PARTS)
+                else:
+                    src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
+                    acc, row_sum, rm, rn, pid_n = tile_product(
+                        dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], k_lo, k_hi,
+                        tile, HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
                 if SPLIT[i]:
                     offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
                     acc, row_sum, last = split_reduce(
@@ -214,6 +227,7 @@ def grads_kernel(
             tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
 
+PARTS_PER_STEP = 8  # row partials in flight per step of the last layer's sum (row_partials)
 WIDE_FROM = 4096  # rows past which the train step's tiles are wider (fewer re-reads of D_i from L2)
 
 
@@ -266,7 +280,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)
-MAX_SLICE_ROWS = 4096  # and at most this many: the dependent K-steps of one program stay few
+MAX_SLICE_ROWS = 4096  # and at most this many (more programs, in balance over the SMs), but see split_count
 MAX_SPLIT = 64
 
 
@@ -286,8 +300,11 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     rows, hidden 128, one program per SM: S = 32 → 16, launch 2 14.5 → 9.8 µs predicted); with
     ``tensor_cores`` too (TF32, 16-bit dtypes), not at all once the tiles fill half of the SMs (hidden 1024 in
     TF32: 120 tiles of 64 columns, a launch bound by L2 where the partials only add traffic) — and no slice
-    longer than MAX_SLICE_ROWS, none shorter than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the
-    partials' traffic would cost more than the parallelism brings: ``python -m bench.model``). ``sm_count``
+    longer than MAX_SLICE_ROWS (but for the wide tiles of one program per SM: past one wave the waves multiply
+    back the chain that more slices shorten, and the partials only add traffic — bf16 at hidden 1024, 64 tiles:
+    S = 16 → 2 at 65536 rows, launch 2 206.4 → 194.4 µs predicted, 4 → 2 at 16384, 52.5 → 51.1), none shorter
+    than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic would cost more than the
+    parallelism brings: ``python -m bench.model``). ``sm_count``
     stands for a GPU of that many SMs (the compile report); without it, 1 (no split) off CUDA — Triton's
     interpreter runs programs one after another, and tests pass ``split`` to :func:`grads` to take the split
     path there."""
@@ -297,7 +314,10 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     if n_tiles == 0 or n_tiles >= sm_count or (whole_waves and tensor_cores and 2 * n_tiles > sm_count):
         return 1
     fill = (resident * sm_count - 1) // n_tiles if whole_waves else triton.cdiv(2 * sm_count, n_tiles)
-    want = max(fill, triton.cdiv(n_rows, MAX_SLICE_ROWS))
+    if whole_waves and resident == 1:  # one wave exactly: past it more slices only add partials (see above)
+        want = fill
+    else:
+        want = max(fill, triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))
 
 
@@ -316,14 +336,17 @@ def _filled(tensors, stand_in, n):
 def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=None, dx=None, params=None,
           states=((), (), ()), steps=None, book=None, hp=None, optimizer="sgd", has_state=None, amsgrad=None,
           keep_grad=False, stats=None, totals=None, loss=None, mean=True, k=1, add=False, split=None,
-          sm_count=None):
+          sm_count=None, row_partials=None):
     """Launch :func:`grads_kernel`. ``need``/``has_bias``: L flags; ``acts``: L − 1 hidden activations; ``dpres``:
     the L pre-activation gradients (dz last); ``grads``: 2L tensors shaped like the parameters (w_1, b_1, …; None
     where not made): the outputs ("store", "accumulate"; the kept gradients of "update" with ``keep_grad``);
     ``dx``: (B, n_0) output, or None. "update": ``params``, ``states`` (three lists of 2L, None where absent),
     ``steps`` (2L, Adam), ``book``, ``hp``, the optimizer's flags. "update"/"accumulate": ``stats`` (R, 2) or
     ``totals`` (2,), ``loss`` a 0-dim output, ``mean``, ``k``, ``add``. ``split``: S (one int, or one per layer)
-    for the reduction over the rows, :func:`split_count` (for ``sm_count`` SMs when given) when None."""
+    for the reduction over the rows, :func:`split_count` (for ``sm_count`` SMs when given) when None.
+    ``row_partials``: the row pass's (R, n_L·n_{L−1} + n_L) partials of the last layer's gradient
+    (:func:`pyfused.kernels.rows.rows`), which its tiles then sum (in row-block order) instead of reducing
+    ``dpres[-1]ᵀ acts[-1]`` over the B rows: neither is read."""
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
     n_layers = len(weights)
@@ -335,6 +358,11 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
                             tensor_cores=precision == "tf32" or x.dtype.itemsize == 2,
                             resident=resident_programs(cfg, epilogue))
     splits = (split,) * n_layers if isinstance(split, int) else tuple(split)
+    if row_partials is not None:  # the last layer's reduction over the rows is done: its tiles sum R partials
+        if row_partials.dim() != 2 or row_partials.shape[1] != widths[-1] * widths[-2] + widths[-1]:
+            raise ValueError(f"row_partials: expected (R, {widths[-1] * widths[-2] + widths[-1]}), got "
+                             f"{tuple(row_partials.shape)}")
+        splits = (*splits[:-1], 1)
     # rows per slice, a multiple of BLOCK_K (each slice's K loop is whole steps), and the S that covers B
     chunks = tuple(triton.cdiv(triton.cdiv(max(n_rows, 1), s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits)
     splits = tuple(triton.cdiv(max(n_rows, 1), c) for c in chunks)
@@ -369,10 +397,11 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
            stand_in if stats is None else stats, 0 if stats is None else stats.shape[0],
            stand_in if totals is None else totals, stand_in if loss is None else loss,
            k, int(add), n_rows, widths, tuple(starts), tuple(parts), counters, splits, chunks,
-           tuple(counter_starts[:-1]),
+           tuple(counter_starts[:-1]), stand_in if row_partials is None else row_partials,
+           0 if row_partials is None else row_partials.shape[0],
            N_LAYERS=n_layers, NEED=tuple(bool(n) for n in need), HAS_BIAS=tuple(has_bias),
            HAS_STATE=tuple(has_state or (False,) * n_params), AMSGRAD=tuple(amsgrad or (False,) * n_params),
            DX=dx is not None, EPILOGUE=epilogue, OPTIMIZER=optimizer, KEEP_GRAD=keep_grad,
            LOSS_PROGRAM=loss_program, MEAN=mean, GLOBAL=totals is not None, ACC=acc_dtype(x.dtype),
-           SPLIT=split_layers,
+           SPLIT=split_layers, ROW_PARTIALS=row_partials is not None, PARTS=PARTS_PER_STEP,
            PRECISION=precision, **cfg)

@@ -18,7 +18,11 @@ A program walks its rows through the network with the building blocks of :mod:`p
    gradient times its scale (``"dlogits"``), ``dy − exp(y)·Σ dy`` through a log_softmax head, or ``dy`` itself;
 3. *backward rows* (BACKWARD): the pre-activation gradient of every hidden layer down to layer ``LOWEST + 1``,
    ``d_{L−1} = act'(dz w_L)``, ``d_i = act'(d_{i+1} w_{i+1})``, each read off the saved activations (relu
-   ``[a > 0]``, sigmoid ``(1 − a)·a``), stored for the weight-gradient launch (:mod:`pyfused.kernels.grads`).
+   ``[a > 0]``, sigmoid ``(1 − a)·a``), stored for the weight-gradient launch (:mod:`pyfused.kernels.grads`);
+   with ROW_PARTIALS (the train step's large-batch tiles, :func:`row_partials_pay`) also the last layer's weight
+   gradient of the block's rows, ``dz_bᵀ a_{L−1,b}`` slice by slice as each slice of ``a_{L−1}`` is read back,
+   and ``Σ_rows dz_b``: R partials that the weight-gradient launch sums, in block order, instead of reducing
+   over the B rows (it then reads neither ``a_{L−1}`` nor dz, and dz is not stored).
 
 With HSPLIT (a two-layer forward at small B, :func:`hidden_split`) the G programs of a row block share its
 hidden layer: each makes its share of the slices (activations stored) and its partial of the logits, the last
@@ -74,6 +78,7 @@ def rows_kernel(
     scale_ptr, stride_s_row, stride_s_col,  # GRAD_IN "dlogits": the factor of each element of the saved dz
     dz_ptr,  # STORE_DZ: (B, n_L) contiguous logit gradient
     parts_ptr, counters_ptr,  # HSPLIT: R·G logit partials (BLOCK_M × BLOCK_OUT, ACC); R int32 counters (zeros)
+    lp_ptr,  # ROW_PARTIALS: (R, n_L·n_{L−1} + n_L) ACC, per row block dz_bᵀ a_{L−1,b} then Σ_rows dz_b
     n_groups, group_cols,  # HSPLIT: G programs per row block, each taking group_cols of the last hidden layer
     n_rows,
     N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATIONS: tl.constexpr,  # tuples of L and L − 1
@@ -83,6 +88,7 @@ def rows_kernel(
     LOWEST: tl.constexpr,  # BACKWARD makes the gradients of hidden layers LOWEST … L − 2 (0-based)
     RAGGED_LAST: tl.constexpr,  # the last hidden width is not a multiple of BLOCK_H (padding columns to zero)
     HSPLIT: tl.constexpr,  # FORWARD, two layers: G programs per row block share the hidden layer (split_reduce)
+    ROW_PARTIALS: tl.constexpr,  # BACKWARD: the last layer's weight (and bias) gradient of the block's rows
     ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_OUT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -190,7 +196,12 @@ def rows_kernel(
             tl.store(dz_ptr + out_offs, dz.to(dz_ptr.dtype.element_ty), mask=out_mask)
         if BACKWARD:
             tl.debug_barrier()  # the activations this program stored (HSPLIT: the counter's acquire orders the rest)
-            dz = dz.to(dtype)
+            dz = dz.to(dtype)  # as stored for the weight-gradient launch: its products use these values
+            lp = lp_ptr + block.to(tl.int64) * (n_out * n_last + n_out)
+            if ROW_PARTIALS:
+                dz = tl.where(row_mask[:, None], dz, 0.0)  # rows past B add nothing
+                if HAS_BIAS[last]:
+                    tl.store(lp + n_out * n_last + cols, tl.sum(dz.to(ACC), axis=0), mask=col_mask)
             for n0 in range(0, n_last, BLOCK_H):  # the last hidden layer: act'(dz w_L), dz still on chip
                 hs = n0 + tl.arange(0, BLOCK_H)
                 h_mask = hs < n_last
@@ -200,6 +211,10 @@ def rows_kernel(
                 d = tl.dot(dz, w, input_precision=PRECISION, out_dtype=ACC)
                 a = tl.load(acts[last - 1] + rows[:, None] * n_last + hs[None, :], mask=hmask2, other=0.0,
                             cache_modifier=".cg" if HSPLIT else "")  # in L2 (HSPLIT: stored by other programs)
+                if ROW_PARTIALS:  # dW_L[:, slice] of the block's rows: dz_bᵀ a_b, while a is on chip
+                    tl.store(lp + cols[:, None] * n_last + hs[None, :],
+                             tl.dot(tl.trans(dz), a, input_precision=PRECISION, out_dtype=ACC),
+                             mask=col_mask[:, None] & h_mask[None, :])
                 tl.store(dpres[last - 1] + rows[:, None] * n_last + hs[None, :],
                          activation_grad(d, a, tl.constexpr(ACTIVATIONS[last - 1])).to(dtype), mask=hmask2)
             for j in tl.static_range(N_LAYERS - 2):  # earlier hidden layers, from the gradient stored just before
@@ -288,6 +303,21 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
                 num_warps=8, num_stages=2)  # 4 warps: 16 B spills in TF32 with sigmoid on sm_90 with Triton 3.6
 
 
+def row_partials_pay(n_rows: int, widths: tuple, dtype: torch.dtype, precision: str = "ieee") -> bool:
+    """Whether the train step's row pass makes the last layer's weight gradient, per row block, while the last
+    hidden layer's block is on chip (``rows(row_partials=)``), for the weight-gradient launch to sum: with the
+    large-batch tiles of 64 or more rows, where the partials' traffic (written and read: ``8·n_L`` bytes per
+    hidden feature and row block) is below that of the activations and dz the weight-gradient launch no longer
+    reads (``BLOCK_M·s`` per hidden feature and row block, from HBM past the L2's size) — bf16 at 65536 rows,
+    hidden 1024, 10 outputs: 21 MB of partials for 134 MB of activations; launch 2's last-layer tiles sum R
+    partials instead of reducing over B rows (``python -m bench.model``: launch 2 194.0 → 181.6 µs there, 51.0 →
+    47.9 at 16384 rows). Not for a last hidden width that is not
+    a multiple of 16: its 64-row tiles spill 4–300 B with the partials' product (the course's 100)."""
+    cfg = rows_config(n_rows, widths, dtype, forward=True, backward=True, precision=precision)
+    return (len(widths) >= 3 and widths[-2] % 16 == 0 and cfg["BLOCK_M"] >= 64
+            and 8 * widths[-1] < cfg["BLOCK_M"] * dtype.itemsize)
+
+
 def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True, backward=True,
                  device: torch.device | None = None) -> int:
     """R, the number of programs (row blocks) of a launch on ``device`` (its matmul precision picks the tiles):
@@ -344,7 +374,7 @@ def _pairs(tensors, stand_in):
 def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", target=None, ignore_index=-100,
          acts, dpres=None, out=None, loss_out=None, stats=None, dz=None, forward=True, store_last=True,
          grad_in=None, g=None, y=None, scale=None, lowest=0, split=None, sm_count=None,
-         config=None):
+         config=None, row_partials=None):
     """Launch :func:`rows_kernel` on validated 2-D ``x`` (B ≥ 1 rows) into the caller's buffers.
 
     ``weights``/``biases``: L tensors each (biases None where absent); ``activations``: L − 1 names; ``acts``: L − 1
@@ -356,7 +386,10 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     per row block that share the hidden layer of a two-layer forward (:func:`hidden_split`, for ``sm_count`` SMs
     when given, when None); ``config``: :func:`rows_config`'s dict to use instead (tests: other tiles at small
     sizes); extra memory with G > 1: ``R·G·BLOCK_M·(BLOCK_OUT + 1)`` accumulator elements of
-    logit partials and R int32 counters (cached, left zero by every launch).
+    logit partials and R int32 counters (cached, left zero by every launch). ``row_partials`` (with ``dpres``): an
+    (R, n_L·n_{L−1} + n_L) accumulator-dtype buffer for each row block's share of the last layer's gradient,
+    ``dz_bᵀ a_{L−1,b}`` then ``Σ_rows dz_b`` (with a bias), made while ``a_{L−1}`` is on chip
+    (:func:`row_partials_pay`), for :func:`pyfused.kernels.grads.grads` to sum.
     """
     n_rows = x.shape[0]
     widths = (x.shape[1], *(w.shape[0] for w in weights))
@@ -368,6 +401,10 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
     cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
     any_buffer = x
     n_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    if row_partials is not None and (not backward or tuple(row_partials.shape) != (
+            n_blocks, widths[-1] * widths[-2] + widths[-1])):
+        raise ValueError(f"row_partials: expected ({n_blocks}, {widths[-1] * widths[-2] + widths[-1]}) with dpres, "
+                         f"got {tuple(row_partials.shape)}{'' if backward else ' without dpres'}")
     groups, group_cols = _groups(split, n_blocks, widths, x, cfg, forward, backward, precision, sm_count)
     parts = counters = any_buffer
     if groups > 1:
@@ -393,12 +430,12 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
            any_buffer if y is None else y,
            any_buffer if scale is None else scale, *scale_strides,
            any_buffer if dz is None else dz,
-           parts, counters, groups, group_cols,
+           parts, counters, any_buffer if row_partials is None else row_partials, groups, group_cols,
            n_rows,
            N_LAYERS=len(weights), HAS_BIAS=tuple(b is not None for b in biases), ACTIVATIONS=tuple(activations),
            HEAD=head, LOSS=loss, FORWARD=forward, STORE_LAST=store_last, STORE_OUT=out is not None,
            LOSS_OUT=loss_out is not None, STATS=stats is not None, STORE_DZ=dz is not None, BACKWARD=backward,
            GRAD_IN=grad_in or "none", LOWEST=lowest, RAGGED_LAST=widths[-2] % cfg["BLOCK_H"] != 0,
-           HSPLIT=groups > 1,
+           HSPLIT=groups > 1, ROW_PARTIALS=row_partials is not None,
            ACC=acc_dtype(x.dtype),
            PRECISION=precision, **cfg)

@@ -15,7 +15,8 @@ call. SGD's first-step flags and the update's counters are an int32 device "book
 optimizer's float32 ``state["step"]`` tensors on the device, advanced by the kernels.
 
 Extra memory per batch size B: ``2·B·Σ n_i·s`` (hidden activations and their gradients) + ``B·out·s`` (dz) +
-``8·R`` (stats); plus ``P·s`` for kept gradients, ``P·4`` of float32 sums for 16-bit parameters when
+``8·R`` (stats) — with the large-batch row tiles, instead of dz, ``R·out·(n_{L−1} + 1)`` accumulator elements of
+the last layer's per-row-block gradients (:func:`pyfused.kernels.rows.row_partials_pay`), which launch 2 sums; plus ``P·s`` for kept gradients, ``P·4`` of float32 sums for 16-bit parameters when
 accumulating, and the 16·2L-byte book and 64·2L-byte hyper-parameter rows.
 """
 from __future__ import annotations
@@ -82,18 +83,23 @@ class KernelStepPath:
         """Buffers for ``rows`` rows: hidden activations and their gradients, dz, stats; kept for the next call of
         the same batch size when ``keep``."""
         from pyfused.kernels.launch import dot_precision
-        from pyfused.kernels.rows import n_row_blocks
+        from pyfused.kernels.rows import n_row_blocks, row_partials_pay
 
         s = self.step
-        key = (rows, dot_precision(s.dtype, s.device))  # TF32 or not picks the row tiles, so the stats' rows
+        precision = dot_precision(s.dtype, s.device)
+        key = (rows, precision)  # TF32 or not picks the row tiles, so the stats' rows
         if keep and self._ws is not None and self._ws[0] == key:
             return self._ws[1]
         new = lambda n: torch.empty((rows, n), dtype=s.dtype, device=s.device)  # noqa: E731
         hidden = s.widths[1:-1]
-        stats = torch.empty((n_row_blocks(rows, s.widths, s.dtype, device=s.device) if rows else 0, 2),
-                            device=s.device,
-                            dtype=torch.promote_types(s.dtype, torch.float32))
-        ws = dict(acts=[new(n) for n in hidden], dpres=[new(n) for n in hidden], dz=new(s.widths[-1]), stats=stats)
+        acc = torch.promote_types(s.dtype, torch.float32)
+        n_blocks = n_row_blocks(rows, s.widths, s.dtype, device=s.device) if rows else 0
+        stats = torch.empty((n_blocks, 2), device=s.device, dtype=acc)
+        ws = dict(acts=[new(n) for n in hidden], dpres=[new(n) for n in hidden], dz=new(s.widths[-1]), stats=stats,
+                  partials=None)
+        if rows and row_partials_pay(rows, s.widths, s.dtype, precision):  # the last layer's dW from launch 1
+            ws.update(dz=None, partials=torch.empty((n_blocks, s.widths[-1] * (s.widths[-2] + 1)), device=s.device,
+                                                    dtype=acc))
         if keep:
             self._ws = (key, ws)
         return ws
@@ -104,7 +110,8 @@ class KernelStepPath:
         s = self.step
         if x.shape[0] > 0:
             rows(x, s.weights, s.biases, s.activations, head=s.head, loss=s.kind, target=target,
-                 ignore_index=s.ignore_index, acts=ws["acts"], dpres=ws["dpres"], dz=ws["dz"], stats=ws["stats"])
+                 ignore_index=s.ignore_index, acts=ws["acts"], dpres=ws["dpres"], dz=ws["dz"], stats=ws["stats"],
+                 row_partials=ws["partials"])
 
     def _grads(self, x, ws, **epilogue) -> torch.Tensor:
         from pyfused.kernels.grads import grads
@@ -113,7 +120,7 @@ class KernelStepPath:
         loss = torch.empty((), dtype=s.dtype, device=s.device)
         grads(x, s.weights, ws["acts"], [*ws["dpres"], ws["dz"]], need=(True,) * len(s.weights),
               has_bias=tuple(b is not None for b in s.biases), stats=ws["stats"], loss=loss,
-              mean=s.reduction == "mean", **epilogue)
+              mean=s.reduction == "mean", row_partials=ws["partials"], **epilogue)
         return loss
 
     def launch(self, x, target, ws, states) -> torch.Tensor:

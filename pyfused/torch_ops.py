@@ -136,6 +136,19 @@ def input_grad(d, w):
     return torch.mm(d, w)
 
 
+def row_partials(dz, a, block_m, bias=True):
+    """The last layer's gradient per block of ``block_m`` rows (:func:`pyfused.kernels.rows.rows`'
+    ``row_partials``): ``(R, out·n + out)``, each row ``dz_bᵀ a_b`` flattened then ``Σ_rows dz_b`` (zeros without
+    a bias: the kernel leaves them unwritten), in the dtype of ``dz``."""
+    rows, out, n = dz.shape[0], dz.shape[1], a.shape[1]
+    blocks = -(-rows // block_m)
+    pad = blocks * block_m - rows
+    dzb = torch.cat([dz, dz.new_zeros(pad, out)]).view(blocks, block_m, out)
+    ab = torch.cat([a, a.new_zeros(pad, n)]).view(blocks, block_m, n).to(dz.dtype)
+    sums = dzb.sum(1) if bias else dz.new_zeros(blocks, out)
+    return torch.cat([torch.bmm(dzb.transpose(1, 2), ab).reshape(blocks, out * n), sums], 1)
+
+
 def row_pass(x, weights, biases, activations, loss, target, block_m, ignore_index=-100):
     """The train step's row pass (:func:`pyfused.kernels.rows.rows` with a loss), from the twins above, in x's
     dtype: ``acts`` (each hidden layer's output), ``dpres`` (their pre-activation gradients), ``dz`` (the logits'

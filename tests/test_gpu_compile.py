@@ -42,6 +42,12 @@ LARGE = [  # the train step's and a module forward's 64- and 128-row tiles (TF32
     for bias, B, hidden, out, act in ((True, 65536, 1024, 10, "relu"), (True, 16384, 48, 128, "relu"),
                                       (False, 16384, 128, 10, "sigmoid"))
 ]
+PARTIALS = [  # the train step's last-layer row partials (large-batch tiles): made in launch 1, summed in launch 2
+    gc.Case(kernel, arch, mode, bias, B, 784, hidden, 10)
+    for kernel in ("step_rows", "step_grads", "step_grads_adam", "step_accumulate")
+    for arch in gc.ARCHS for mode in ("tf32", "bf16", "fp16")
+    for bias, B, hidden in ((True, 16384, 128), (False, 65536, 1024))
+]
 HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the train step in every mode but fp64; the
     # module forward where it splits (TF32, 16-bit dtypes: 2 groups of 64 at the seed shape)
     gc.Case(kernel, arch, mode, True, 128, 784, 1024, 10)
@@ -49,13 +55,13 @@ HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the t
 ] + [gc.Case(kernel, arch, mode, True, 128, 784, 1024, 10)
      for kernel in ("forward_loss", "forward", "forward_eval") for arch in gc.ARCHS for mode in ("tf32", "bf16")]
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
-         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE + HSPLIT)]
+         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE + PARTIALS + HSPLIT)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + HSPLIT)
+    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +83,12 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + HSPLIT, ids=str)
+@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE + HSPLIT, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]
@@ -102,13 +108,26 @@ def test_large_batches_take_tensor_core_row_tiles(case, default_results):
     assert result["spill_stores"] == 0 and result["spill_loads"] == 0, result
 
 
+@pytest.mark.parametrize("case", PARTIALS, ids=str)
+def test_large_batch_steps_take_the_row_partials(case, default_results):
+    """With the large-batch row tiles the train step's launch 1 makes the last layer's row partials (no dz) and
+    launch 2's last-layer tiles sum them, unsplit; both compile without spills (test above)."""
+    config = default_results[case]["config"]
+    assert config["ROW_PARTIALS"], config
+    if case.kernel == "step_rows":
+        assert not config["STORE_DZ"], config
+    else:
+        assert tuple(config["SPLIT"])[-1] is False, config
+
+
 @pytest.mark.parametrize("case", SPLIT, ids=str)
 def test_split_reduction_is_compiled_and_spills_at_most_a_few_bytes(case, default_results):
     """The split variants (S > 1 at B = 16384 on both GPUs' SM counts) compile; spills stay within 8 B (fp32
     IEEE's update epilogue on sm_90 spills 8 B, measured with Triton 3.8)."""
     result = default_results[case]
     assert result["error"] is None, result["error"]
-    assert result["config"]["SPLIT"] == [True, True] or result["config"]["SPLIT"] == (True, True)
+    partials = result["config"].get("ROW_PARTIALS", False)  # the last layer's tiles sum the row partials
+    assert tuple(result["config"]["SPLIT"]) == (True, not partials)
     assert result["spill_stores"] <= 8, f"{case} ({result['config']}) spills {result['spill_stores']} B"
 
 

@@ -36,7 +36,7 @@ def _exact(x, weights, biases, activation, loss, classes, target, block_m=CONFIG
     return dict(ref, acts=ref["acts"][0], dpres=ref["dpres"][0])
 
 
-def _rows(x, weights, biases, activation, loss, classes, target, split, mode, config=CONFIG):
+def _rows(x, weights, biases, activation, loss, classes, target, split, mode, config=CONFIG, partials=False):
     """One launch of the row kernel with G = ``split``: "step" (forward, loss and backward rows, as the train
     step) or "forward" (a module's forward: activations and the head's output), with ``config``'s tiles."""
     new = lambda *s: torch.empty(s, dtype=x.dtype, device=x.device)  # noqa: E731
@@ -48,6 +48,10 @@ def _rows(x, weights, biases, activation, loss, classes, target, split, mode, co
                     stats=torch.empty(triton.cdiv(B, config["BLOCK_M"]), 2, dtype=acc, device=x.device))
         kwargs.update(loss=loss, target=classes if loss == "class" else target, dpres=[outs["dpres"]],
                       dz=outs["dz"], stats=outs["stats"])
+        if partials:  # NaN where nothing is written (no bias: the sums)
+            outs["partials"] = torch.full((triton.cdiv(B, config["BLOCK_M"]), N_OUT * (HIDDEN + 1)), float("nan"),
+                                          dtype=acc, device=x.device)
+            kwargs["row_partials"] = outs["partials"]
     else:
         outs["out"] = new(B, N_OUT)
         kwargs["out"] = outs["out"]
@@ -94,6 +98,47 @@ def test_large_batch_row_tiles_match_float64(kernels, dtype, block_m):
     assert seen[0].grid == (1,) and seen[0].kwargs["BLOCK_M"] == block_m
     for name, value in ours.items():
         torch.testing.assert_close(value.double(), exact[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_last_layer_row_partials_match_float64(kernels, dtype, bias, block_m, split):
+    """The row pass's per-row-block partials of the last layer's dW and db (``row_partials``; 40 rows: 3 blocks
+    of 16 or one ragged block of 64, unsplit and with G = 3), against float64 (:func:`torch_ops.row_partials`),
+    bit for bit from run to run; then the weight-gradient launch summing them gives dW₂ and db₂, against
+    float64 too, without reading dz or the hidden activations (NaN there)."""
+    from pyfused.kernels import grads as G
+
+    config = dict(CONFIG, BLOCK_M=block_m, num_warps=8 if block_m == 64 else 4)
+    net = _net(dtype, bias)
+    x, weights, biases = net[:3]
+    ours, seen = _rows(x, weights, biases, "relu", "class", *net[3:], split, "step", config, partials=True)
+    exact = _exact(x, weights, biases, "relu", "class", *net[3:], block_m)
+    want = torch_ops.row_partials(exact["dz"], exact["acts"], block_m, bias)
+    n_w = N_OUT * HIDDEN
+    assert seen[0].kwargs["ROW_PARTIALS"] and seen[0].kwargs["HSPLIT"] == (split > 1)
+    for name in ("acts", "dpres", "dz", "stats"):
+        torch.testing.assert_close(ours[name].double(), exact[name], **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(ours["partials"][:, :n_w].double(), want[:, :n_w], **TOL[dtype])
+    if bias:
+        torch.testing.assert_close(ours["partials"][:, n_w:].double(), want[:, n_w:], **TOL[dtype])
+    else:
+        assert ours["partials"][:, n_w:].isnan().all()  # not written
+    again, _ = _rows(x, weights, biases, "relu", "class", *net[3:], split, "step", config, partials=True)
+    assert all(torch.equal(ours[n], again[n]) for n in ("acts", "dpres", "dz", "stats")) and torch.equal(
+        ours["partials"][:, :n_w], again["partials"][:, :n_w])
+    out = [torch.empty_like(p) if p is not None else None for pair in zip(weights, biases) for p in pair]
+    nan = torch.full_like(ours["dz"], float("nan"))
+    G.grads(x, weights, [torch.full_like(ours["acts"], float("nan"))], [ours["dpres"], nan], need=(True, True),
+            has_bias=(bias, bias), grads=out, row_partials=ours["partials"])
+    dz, acts = exact["dz"], exact["acts"]
+    torch.testing.assert_close(out[2].double(), dz.T @ acts, **TOL[dtype])
+    torch.testing.assert_close(out[0].double(), exact["dpres"].T @ x.double(), **TOL[dtype])
+    if bias:
+        torch.testing.assert_close(out[3].double(), dz.sum(0), **TOL[dtype])
+        torch.testing.assert_close(out[1].double(), exact["dpres"].sum(0), **TOL[dtype])
 
 
 def test_no_split_without_a_forward_or_with_more_layers_or_a_single_slice(kernels):
@@ -143,6 +188,57 @@ def test_train_step_with_a_hidden_split_matches_the_eager_loop(kernels, monkeypa
     assert [s.kwargs["HSPLIT"] for s in seen if s.name == "rows_kernel"] == [True] * 3
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("features,bias", [((9, 20, 4), True), ((9, 13, 8, 3), (False, False, True))])
+@pytest.mark.parametrize("loss,optimizer", [("nll", "sgd"), ("mse", "adam")])
+def test_train_step_with_row_partials_matches_the_eager_loop(kernels, monkeypatch, loss, optimizer, features, bias,
+                                                              k):
+    """FusedTrainStep with the last layer's gradient made per row block in launch 1 (forced here at 16-row
+    tiles; the launchers take it with the large-batch tiles) against the eager loop: SGD with momentum and Adam,
+    two and three layers (the course's 20 → 13 → 8 → 3 layout: bias on the output only), one update per batch
+    and accumulation over 2; launch 1 stores no dz then."""
+    monkeypatch.setattr(R, "row_partials_pay", lambda *args, **kwargs: True)
+    torch.manual_seed(0)
+    model = pyfused.DeepFusedMLP(*features, bias=bias, device=DEVICE, log_softmax=loss == "nll")
+    ref = eager_twin(model)
+    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
+    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
+    step = pyfused.FusedTrainStep(model, opt, loss=loss, accumulation_steps=k)
+    seen = []
+    with observe(seen.append):
+        for i, (x, t) in enumerate(batches(loss, 40, 9, features[-1], 4, 3)):
+            ours = step(x, t)
+            theirs = eager_loss(loss, ref(x), t)
+            (theirs / k).backward()
+            if (i + 1) % k == 0:
+                ref_opt.step()
+                ref_opt.zero_grad()
+            torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+    launches = [s for s in seen if s.name in ("rows_kernel", "grads_kernel")]
+    assert len(launches) == 8 and all(s.kwargs["ROW_PARTIALS"] for s in launches)
+    assert not any(s.kwargs["STORE_DZ"] for s in launches if s.name == "rows_kernel")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+        if optimizer == "adam":
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], **STEP_TOL,
+                                           msg=lambda m: f"{name} {key}: {m}")
+        else:
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
+                                       **STEP_TOL, msg=lambda m: f"{name} momentum: {m}")
+
+
+def test_row_partials_only_with_the_large_batch_tiles():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert R.row_partials_pay(65536, (784, 1024, 10), bf16)  # 128 rows: 80 B of partials for 256 B of activations
+    assert R.row_partials_pay(16384, (784, 128, 10), f32, "tf32")  # 64 rows of 4 bytes
+    assert R.row_partials_pay(16384, (784, 128, 16), bf16)
+    assert not R.row_partials_pay(16384, (784, 128, 32), bf16)  # 256 B of partials: no gain
+    assert not R.row_partials_pay(16384, (784, 128, 10), f32)  # fp32 IEEE: 16-row tiles
+    assert not R.row_partials_pay(128, (784, 128, 10), bf16)  # B = 128: 16-row tiles
+    assert not R.row_partials_pay(16384, (784, 1024, 512), bf16)  # past 256 outputs: 16-row tiles
 
 
 def test_how_many_groups():

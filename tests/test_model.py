@@ -41,6 +41,30 @@ def test_a_launch_is_never_faster_than_its_launch_cost():
     assert terms["time"] >= model.LAUNCH_US and terms["bound"] in ("math", "chain", "L2", "HBM")
 
 
+def test_the_row_partials_take_the_last_layer_off_launch_2(monkeypatch):
+    """bf16 at 65536 rows, hidden 1024 (128-row tiles, R = 512): launch 1 writes 512 partials of 10 × 1025
+    float32 instead of dz, launch 2 reads them instead of the activations and dz, and sums them in steps of
+    PARTS_PER_STEP partials."""
+    from pyfused.kernels.grads import PARTS_PER_STEP
+
+    rows_case = gc.Case("step_rows", "sm_90", "bf16", True, 65536, 784, 1024, 10)
+    grads_case = gc.Case("step_grads", "sm_90", "bf16", True, 65536, 784, 1024, 10)
+    assert model._row_partials(grads_case) == (True, 512)
+    rows_res = dict(config=dict(BLOCK_M=128, BLOCK_K=64, BLOCK_H=128, BLOCK_OUT=16), grid=(512,), blocks_per_sm=1)
+    grads_res = dict(config=dict(BLOCK_MS=(128, 16), BLOCK_N=128, BLOCK_K=32, BLOCK_R=256), grid=(121,),
+                     blocks_per_sm=1, split=2)
+    ours = [model.launch_terms(k, c, r, 132, PEAK, "bf16") for k, c, r in
+            (("rows", rows_case, rows_res), ("grads", grads_case, grads_res))]
+    monkeypatch.setattr(model, "_row_partials", lambda case: (False, 512))
+    plain = [model.launch_terms(k, c, r, 132, PEAK, "bf16") for k, c, r in
+             (("rows", rows_case, rows_res), ("grads", grads_case, dict(grads_res, grid=(129,))))]
+    parts, dz = 4 * 512 * 10 * 1025, 2 * 65536 * 10
+    assert ours[0]["HBM"] - plain[0]["HBM"] == pytest.approx((parts - dz) / PEAK.bandwidth * 1e6)
+    assert ours[1]["HBM"] - plain[1]["HBM"] == pytest.approx((parts - dz - 2 * 65536 * 1024) / PEAK.bandwidth * 1e6)
+    assert ours[1]["L2"] < plain[1]["L2"]
+    assert ours[1]["chain"] >= -(-512 // PARTS_PER_STEP) * model.STEP_NS * 1e-3
+
+
 @pytest.mark.slow
 def test_the_split_is_never_predicted_slower():
     rows = model.model("h200")

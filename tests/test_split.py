@@ -131,6 +131,10 @@ def test_how_many_slices():
     assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 16
     assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 32  # two waves
     assert G.split_count(65536, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 16
+    # bf16 at hidden 1024 (64 tiles): one wave of slices of 32768 and 8192 rows, not 16 and 4 of at most 4096
+    assert G.split_count(65536, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 2
+    assert G.split_count(16384, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 2
+    assert G.split_count(65536, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 16  # 2 per SM
     assert G.split_count(16384, 120, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 1  # hidden 1024
     assert G.split_count(16384, 58, cuda, sm_count=108, whole_waves=True) == 4  # fp32 IEEE on an A100: FMA-bound
     assert G.split_count(16384, 104, cuda, sm_count=132) == 4  # a module's backward at 32 × 32 tiles

@@ -264,6 +264,15 @@ def check_training(v: Variant, device, steps=6) -> list[dict]:
     return rows
 
 
+def check_large_batch(v: Variant, device) -> list[dict]:
+    """:func:`check_training` at 16384 rows on CUDA, 3 steps — the large-batch tiles (64 rows in TF32, 128 in
+    16-bit dtypes), the split update and the last layer's row partials (``rows.row_partials_pay``) —; 64 rows on
+    the interpreter."""
+    rows = 16384 if device.type == "cuda" else 64
+    got = check_training(dataclasses.replace(v, shape=(rows, *v.shape[1:])), device, steps=3)
+    return [dict(r, check=f"{r['check']}, {rows} rows") for r in got]
+
+
 def check_engine_steps(v: Variant, device, steps=6) -> list[dict]:
     """FusedTrainStep of a three-layer logits model with FusedAdam on the MSE and with FusedAdamW (amsgrad) on
     cross-entropy, ``steps`` steps against nn.Sequential + torch.optim in float64 and in the same dtype: losses,
@@ -457,6 +466,7 @@ def check_hidden_split(v: Variant, device) -> list[dict]:
     return out_rows
 
 
+LARGE_MODES = ("fp32", "tf32", "bf16")  # the large-batch step (each its own tiles) at the first shape
 DEEP_MODES = ("fp32", "bf16", "fp16")  # the deeper chain is checked at the first shape in these modes
 ENGINE_MODES = ("fp32", "tf32", "bf16", "fp16", "fp64")  # the engine's losses and Adam: at the first shape
 
@@ -471,7 +481,9 @@ def stage_correctness(report: Report, device: torch.device) -> None:
                 cut = True
                 break
             for check in (check_ops, check_losses, check_deep, check_training, check_engine_steps, check_drop_in,
-                          check_split, check_hidden_split):
+                          check_split, check_hidden_split, check_large_batch):
+                if check is check_large_batch and (v.shape != todo[0].shape or v.mode not in LARGE_MODES):
+                    continue
                 if check in (check_deep, check_drop_in, check_split, check_hidden_split) and (
                         v.shape != todo[0].shape or v.mode not in DEEP_MODES):
                     continue
