@@ -183,11 +183,12 @@ def grads_kernel(
                     k_lo = part * chunks[i]
                     k_hi = tl.minimum(k_lo + chunks[i], n_rows)
                 if ROW_PARTIALS and i == N_LAYERS - 1:  # the sum of the row blocks' partials, in block order
-                    rm, rn, pid_n = tile_indices(tile, widths[i], BLOCK_MS[i], BLOCK_N)
+                    bm: tl.constexpr = BLOCK_MS[i]  # a constexpr for tl.zeros (a jit function in Triton 3.6)
+                    rm, rn, pid_n = tile_indices(tile, widths[i], bm, BLOCK_N)
                     offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
                     acc, row_sum = sum_partials(
                         lp_ptr, n_lp, widths[i + 1] * widths[i] + widths[i + 1], widths[i + 1] * widths[i],
-                        tl.zeros((BLOCK_MS[i], BLOCK_N), dtype=ACC), tl.zeros((BLOCK_MS[i],), dtype=ACC), offs, mask,
+                        tl.zeros((bm, BLOCK_N), dtype=ACC), tl.zeros((bm,), dtype=ACC), offs, mask,
                         rm.to(tl.int32), m_mask, HAS_BIAS[i] & (pid_n == 0), PARTS)
                 else:
                     src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
