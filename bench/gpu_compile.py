@@ -217,17 +217,16 @@ def _dtype(mode: str):
             "fp64": torch.float64}[mode]
 
 
-def _step_row_partials(case: Case, t, acc):
-    """The train step's last-layer row partials for the case (:func:`pyfused.kernels.rows.row_partials_pay`,
-    as :class:`pyfused.step_kernels.KernelStepPath` makes them), or None."""
-    from pyfused.kernels.rows import row_partials_pay, rows_config
+def step_layout(case: Case, device="meta") -> tuple[int, object]:
+    """``(R, row partials)`` of the case's train-step launch 1: its row blocks (the statistics' rows) and the
+    last layer's row-partials buffer on ``device``, or None (:func:`pyfused.kernels.rows.row_partials_buffer`,
+    as :class:`pyfused.step_kernels.KernelStepPath` makes them)."""
+    from pyfused.kernels.rows import row_partials_buffer, rows_config
 
-    dtype, widths = _dtype(case.mode), case.widths
-    precision = "tf32" if case.mode == "tf32" else "ieee"
-    if not row_partials_pay(case.n_rows, widths, dtype, precision):
-        return None
-    cfg = rows_config(case.n_rows, widths, dtype, forward=True, backward=True, precision=precision)
-    return t(-(-case.n_rows // cfg["BLOCK_M"]), widths[-1] * (widths[-2] + 1), dt=acc)
+    dtype, precision = _dtype(case.mode), "tf32" if case.mode == "tf32" else "ieee"
+    cfg = rows_config(case.n_rows, case.widths, dtype, forward=True, backward=True, precision=precision)
+    return (-(-case.n_rows // cfg["BLOCK_M"]),
+            row_partials_buffer(case.n_rows, case.widths, dtype, precision, device))
 
 
 def _call_launcher(case: Case, module, device="meta") -> None:
@@ -257,7 +256,7 @@ def _call_launcher(case: Case, module, device="meta") -> None:
                                       device=torch.device("cuda")), 2, dt=acc)
         split = dict(split=case.hsplit, sm_count=SM_COUNTS.get(case.arch))
         if k.startswith("step"):
-            parts = _step_row_partials(case, t, acc)  # as the train step's workspace has them
+            parts = step_layout(case, device)[1]  # as the train step's workspace has them
             module.rows(x, weights, biases, acts_names, head="logits" if loss == "mse" else "log_softmax", loss=loss,
                         target=target, acts=acts, dpres=[t(n_rows, n) for n in widths[1:-1]],
                         dz=out if parts is None else None, stats=stats, row_partials=parts, **split)
@@ -281,17 +280,13 @@ def _call_launcher(case: Case, module, device="meta") -> None:
         flags = dict(need=(True,) * n_layers, has_bias=tuple(b is not None for b in biases),
                      sm_count=SM_COUNTS.get(case.arch), split=case.split)
         if k.startswith("step"):
-            flags["row_partials"] = _step_row_partials(case, t, acc)
+            n_blocks, flags["row_partials"] = step_layout(case, device)
         if k in ("grads", "grads_dx"):
             dx = t(n_rows, case.n_in) if k == "grads_dx" else None
             module.grads(x, weights, acts, dpres, grads=like(dtype), dx=dx, **flags)
             return
         params = [p for pair in zip(weights, biases) for p in pair]
-        from pyfused.kernels.rows import rows_config  # R stats rows: the row blocks of the train step's launch 1
-
-        r_cfg = rows_config(n_rows, widths, dtype, forward=True, backward=True,
-                            precision="tf32" if case.mode == "tf32" else "ieee")
-        stats = t(module.triton.cdiv(n_rows, r_cfg["BLOCK_M"]), 2, dt=acc)
+        stats = t(n_blocks, 2, dt=acc)  # R rows: the row blocks of the train step's launch 1
         if k == "step_accumulate":  # with a process group's all-reduced totals
             module.grads(x, weights, acts, dpres, epilogue="accumulate", grads=like(acc), stats=stats,
                          totals=t(2, dt=acc), loss=t(), k=3, add=True, **flags)

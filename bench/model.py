@@ -52,14 +52,10 @@ def _elem(mode):
 
 
 def _row_partials(case: gc.Case) -> tuple[bool, int]:
-    """Whether the case's launch 1 makes the last layer's row partials
-    (:func:`pyfused.kernels.rows.row_partials_pay`), and R, its row blocks (``rows_config``'s tiles)."""
-    from pyfused.kernels.rows import row_partials_pay, rows_config
-
-    dtype, precision = gc._dtype(case.mode), "tf32" if case.mode == "tf32" else "ieee"
-    cfg = rows_config(case.n_rows, case.widths, dtype, forward=True, backward=True, precision=precision)
-    return (row_partials_pay(case.n_rows, case.widths, dtype, precision),
-            math.ceil(case.n_rows / cfg["BLOCK_M"]))
+    """Whether the case's launch 1 makes the last layer's row partials, and R, its row blocks
+    (:func:`bench.gpu_compile.step_layout`)."""
+    n_blocks, partials = gc.step_layout(case)
+    return partials is not None, n_blocks
 
 
 def _parts_per_step() -> int:
@@ -97,7 +93,6 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
         bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
         split = result.get("split", 1)
         rows = math.ceil(B / split)
-        flops = 2 * B * (N_IN * h + h * N_OUT)
         layers = 1 if partials else 2  # with the row partials, the last layer's tiles only sum them
         flops = 2 * B * (N_IN * h + (0 if partials else h * N_OUT))
         stats = math.ceil(n_blocks / br)  # the statistics every program sums

@@ -318,6 +318,17 @@ def row_partials_pay(n_rows: int, widths: tuple, dtype: torch.dtype, precision: 
             and 8 * widths[-1] < cfg["BLOCK_M"] * dtype.itemsize)
 
 
+def row_partials_buffer(n_rows: int, widths: tuple, dtype: torch.dtype, precision: str,
+                        device) -> torch.Tensor | None:
+    """The train step's ``rows(row_partials=)`` buffer where :func:`row_partials_pay`, else None: R row blocks
+    of ``n_L·n_{L−1} + n_L`` accumulator elements."""
+    if n_rows == 0 or not row_partials_pay(n_rows, widths, dtype, precision):
+        return None
+    cfg = rows_config(n_rows, widths, dtype, forward=True, backward=True, precision=precision)
+    return torch.empty((triton.cdiv(n_rows, cfg["BLOCK_M"]), widths[-1] * (widths[-2] + 1)), device=device,
+                       dtype=torch.promote_types(dtype, torch.float32))
+
+
 def n_row_blocks(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward=True, backward=True,
                  device: torch.device | None = None) -> int:
     """R, the number of programs (row blocks) of a launch on ``device`` (its matmul precision picks the tiles):

@@ -83,7 +83,7 @@ class KernelStepPath:
         """Buffers for ``rows`` rows: hidden activations and their gradients, dz, stats; kept for the next call of
         the same batch size when ``keep``."""
         from pyfused.kernels.launch import dot_precision
-        from pyfused.kernels.rows import n_row_blocks, row_partials_pay
+        from pyfused.kernels.rows import n_row_blocks, row_partials_buffer
 
         s = self.step
         precision = dot_precision(s.dtype, s.device)
@@ -92,14 +92,12 @@ class KernelStepPath:
             return self._ws[1]
         new = lambda n: torch.empty((rows, n), dtype=s.dtype, device=s.device)  # noqa: E731
         hidden = s.widths[1:-1]
-        acc = torch.promote_types(s.dtype, torch.float32)
-        n_blocks = n_row_blocks(rows, s.widths, s.dtype, device=s.device) if rows else 0
-        stats = torch.empty((n_blocks, 2), device=s.device, dtype=acc)
-        ws = dict(acts=[new(n) for n in hidden], dpres=[new(n) for n in hidden], dz=new(s.widths[-1]), stats=stats,
-                  partials=None)
-        if rows and row_partials_pay(rows, s.widths, s.dtype, precision):  # the last layer's dW from launch 1
-            ws.update(dz=None, partials=torch.empty((n_blocks, s.widths[-1] * (s.widths[-2] + 1)), device=s.device,
-                                                    dtype=acc))
+        stats = torch.empty((n_row_blocks(rows, s.widths, s.dtype, device=s.device) if rows else 0, 2),
+                            device=s.device, dtype=torch.promote_types(s.dtype, torch.float32))
+        # the last layer's dW from launch 1 with the large-batch tiles: then no dz
+        partials = row_partials_buffer(rows, s.widths, s.dtype, precision, s.device)
+        ws = dict(acts=[new(n) for n in hidden], dpres=[new(n) for n in hidden], stats=stats, partials=partials,
+                  dz=new(s.widths[-1]) if partials is None else None)
         if keep:
             self._ws = (key, ws)
         return ws

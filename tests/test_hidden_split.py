@@ -10,7 +10,7 @@ import pyfused
 from pyfused import torch_ops
 from pyfused.kernels import rows as R
 from pyfused.kernels.launch import COUNTERS, observe
-from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin
+from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin, steps_match_eager
 
 B, N_IN, HIDDEN, N_OUT = 40, 24, 100, 5  # hidden 100: 7 slices of 16, the last one ragged
 CONFIG = dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=16, BLOCK_OUT=16, num_warps=4, num_stages=2)
@@ -208,14 +208,7 @@ def test_train_step_with_row_partials_matches_the_eager_loop(kernels, monkeypatc
     step = pyfused.FusedTrainStep(model, opt, loss=loss, accumulation_steps=k)
     seen = []
     with observe(seen.append):
-        for i, (x, t) in enumerate(batches(loss, 40, 9, features[-1], 4, 3)):
-            ours = step(x, t)
-            theirs = eager_loss(loss, ref(x), t)
-            (theirs / k).backward()
-            if (i + 1) % k == 0:
-                ref_opt.step()
-                ref_opt.zero_grad()
-            torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+        steps_match_eager(step, ref, ref_opt, loss, batches(loss, 40, 9, features[-1], 4, 3), k)
     launches = [s for s in seen if s.name in ("rows_kernel", "grads_kernel")]
     assert len(launches) == 8 and all(s.kwargs["ROW_PARTIALS"] for s in launches)
     assert not any(s.kwargs["STORE_DZ"] for s in launches if s.name == "rows_kernel")

@@ -8,7 +8,7 @@ import triton
 import pyfused
 from pyfused.kernels import grads as G
 from pyfused.kernels.launch import COUNTERS, observe
-from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin
+from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_twin, steps_match_eager
 
 
 @pytest.fixture
@@ -80,14 +80,7 @@ def test_train_step_with_a_split_matches_the_eager_loop(kernels, loss, optimizer
     fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
     opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
     step = pyfused.FusedTrainStep(model, opt, accumulation_steps=k, loss=loss)
-    for i, (x, t) in enumerate(batches(loss, 90, 9, 4, 4)):
-        ours = step(x, t)
-        theirs = eager_loss(loss, ref(x), t)
-        (theirs / k).backward()
-        if (i + 1) % k == 0:
-            ref_opt.step()
-            ref_opt.zero_grad()
-        torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+    steps_match_eager(step, ref, ref_opt, loss, batches(loss, 90, 9, 4, 4), k)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
 

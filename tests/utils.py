@@ -51,6 +51,19 @@ def eager_loss(loss, out, target, reduction="mean", ignore_index=-100):
     return fn(out, target, reduction=reduction, ignore_index=ignore_index)
 
 
+def steps_match_eager(step, ref, ref_opt, loss, data, k=1):
+    """Run ``step`` (a FusedTrainStep with ``accumulation_steps=k``) and the eager loop — each batch's loss / k
+    backward, an update every k batches — over ``data``, asserting each batch's loss."""
+    for i, (x, t) in enumerate(data):
+        ours = step(x, t)
+        theirs = eager_loss(loss, ref(x), t)
+        (theirs / k).backward()
+        if (i + 1) % k == 0:
+            ref_opt.step()
+            ref_opt.zero_grad()
+        torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
+
+
 def batches(loss, rows, n_in, n_out, steps, seed=1, all_ignored_at=None, device=DEVICE):
     """Random batches: class targets with every 5th row ignored (every row at step ``all_ignored_at``), or float
     targets of the logits' shape for MSE."""
