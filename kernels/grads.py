@@ -237,15 +237,20 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     """Launch configuration of :func:`grads_kernel`, from the compile report (no spills at the seed shapes on
     sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
 
-    - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps; dx tiles 32 × 32.
+    - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps, 2 stages — 3 in
+      16-bit dtypes (at 2, dx in fp16 spills 4 B on sm_90 once the reduction is split; at 3, TF32 8 B at
+      16384 × 20 → 13 → 8 → 3); dx tiles 32 × 32.
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
       SM-starved launch); past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction fills the GPU
       and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) for ``"update"`` 128
-      columns and 16 warps for SGD in 16-bit dtypes, else 64 and 8 (an eighth / a quarter of the re-reads; at 128
-      columns TF32 spills 24–164 B, Adam's epilogue 472–552 B in bf16; 4 warps at 64 spill 36–1736 B; the model:
-      bf16 at 65536 rows 77.0 → 68.8 µs at hidden 128, 488.8 → 426.6 at hidden 1024), 32 for ``"accumulate"`` (64
-      spill 16 B in bf16 on sm_80); fp32 IEEE keeps 16: it is FMA-bound there, and its update epilogue at 32
+      columns and 16 warps for SGD in 16-bit dtypes, 64 and 8 for SGD in TF32 and Adam in 16-bit dtypes, 32 and 4
+      for Adam in TF32 (an eighth / a quarter / half of the re-reads; at 128 columns TF32 spills 24–164 B, Adam's
+      epilogue 472–552 B in bf16, at 64 in TF32 16 B on sm_80; 4 warps at 64 spill 36–1736 B; the model: bf16 at
+      65536 rows 77.0 → 68.8 µs at hidden 128, 488.8 → 426.6 at hidden 1024), 32 for ``"accumulate"`` (64 spill
+      16 B in bf16 on sm_80) — all only where the layers' inputs are multiples of 16 wide (the course's 1000 → 100
+      spills 28–1844 B at 64 or 128 columns, 20 → 13 → 8 8–16 B: they keep 16); fp32 IEEE keeps 16: it is
+      FMA-bound there, and its update epilogue at 32
       columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns; up to 16 rows K steps
       of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
       warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
@@ -260,13 +265,19 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     last = len(widths) - 2
     if epilogue == "store":
         return dict(BLOCK_MS=(32,) * (last + 1), BLOCK_N=32, BLOCK_K=16 if dtype == torch.float64 else 32,
-                    BLOCK_DX=32, BLOCK_R=16, num_warps=4, num_stages=2)
+                    BLOCK_DX=32, BLOCK_R=16, num_warps=4, num_stages=3 if dtype.itemsize == 2 else 2)
     cap = 64 if dtype == torch.float64 else 128
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
-    wide = n_rows > WIDE_FROM and wide_ok
-    block_n = ((128 if dtype.itemsize == 2 and optimizer == "sgd" else 64) if update else 32) if wide else 16
+    aligned = all(n % 16 == 0 for n in widths[:-1])  # unaligned inputs (the course's 1000 → 100, 20 → 13 → 8) spill
+    wide = n_rows > WIDE_FROM and wide_ok and aligned
+    if not wide:
+        block_n = 16
+    elif update:  # SGD: 128 in 16-bit dtypes, 64 in TF32; Adam's epilogue half that (64 in TF32 spills 16 B)
+        block_n = (128 if dtype.itemsize == 2 else 64) // (1 if optimizer == "sgd" else 2)
+    else:
+        block_n = 32
     block_k, stages = dot_block(n_rows, 32) if update else 16, 2
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:

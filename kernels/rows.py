@@ -252,13 +252,15 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
       warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
-      from LARGE_BATCH rows, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64), 8 warps — a quarter of the
-      weight re-reads from L2, and the tensor cores' larger instructions (fp32 IEEE spills at 32 and 64 rows: it
-      keeps 16) —, and 128-row tiles in 16-bit dtypes for two layers with a hidden width that is a multiple of
-      16 and at most 128 outputs (half the re-reads again: at 65536 rows, hidden 1024, bf16, launch 1 207.9 →
-      123.6 µs predicted; 202–255 registers, no spills on sm_80 and sm_90 with Triton 3.6's and 3.8's ptxas,
-      relu and sigmoid; at 256 outputs, three layers or an unaligned hidden layer they spill 88–1300 B, TF32
-      takes 253–255 registers and spills 12–100 B with sigmoid, 16 warps spill too);
+      from LARGE_BATCH rows and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
+      16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
+      instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
+      64 rows, with MSE or sigmoid: it keeps 16 too) —, and 128-row tiles in 16-bit dtypes for two layers with an
+      input width that is a multiple of 16 and at most 128 outputs (half the re-reads again: at 65536 rows,
+      hidden 1024, bf16, launch 1 207.9 → 123.6 µs predicted; 202–255 registers, no spills on sm_80 and sm_90
+      with Triton 3.6's and 3.8's ptxas, relu and sigmoid; at 256 outputs, three layers or an unaligned hidden
+      layer they spill 88–1300 B, with the course's 1000 inputs 184–404 B, TF32 takes 253–255 registers and
+      spills 12–100 B with sigmoid, 16 warps spill too);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
@@ -274,8 +276,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     if forward and backward:
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
-        if large:  # 128 rows in 16-bit dtypes for two layers, an aligned hidden layer and at most 128 outputs
-            tall = half and len(widths) == 3 and aligned and block_out <= 128
+        if large and aligned:  # 128 rows in 16-bit dtypes for two layers, an aligned input and at most 128 outputs
+            tall = half and len(widths) == 3 and widths[0] % 16 == 0 and block_out <= 128
             return large_tiles(block_h, 128 if tall else 64)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32

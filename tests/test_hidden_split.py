@@ -234,6 +234,21 @@ def test_row_partials_only_with_the_large_batch_tiles():
     assert not R.row_partials_pay(16384, (784, 1024, 512), bf16)  # past 256 outputs: 16-row tiles
 
 
+def test_large_batch_row_tiles_only_for_aligned_widths():
+    """The train step's large-batch row tiles need hidden widths of whole 16-wide tiles (the course's hidden 100
+    spills at 64 rows: it keeps 16), and the 128-row ones an input width that is one too (the course's 1000 inputs
+    spill at 128 rows); a module's forward keeps its 64-row tiles."""
+    tiles = lambda widths, dtype=torch.bfloat16, backward=True: R.rows_config(  # noqa: E731
+        16384, widths, dtype, forward=True, backward=backward)["BLOCK_M"]
+    assert tiles((784, 128, 10)) == 128 and tiles((1000, 128, 10)) == 64
+    assert tiles((784, 128, 10), torch.float32) == 16  # fp32 IEEE
+    assert tiles((784, 100, 10)) == tiles((1000, 100, 10)) == tiles((20, 13, 8, 3)) == 16
+    assert R.rows_config(16384, (1000, 100, 10), torch.float32, forward=True, backward=True,
+                         precision="tf32")["BLOCK_M"] == 16
+    assert tiles((1000, 100, 10), backward=False) == 64
+    assert not R.row_partials_pay(16384, (1000, 100, 10), torch.bfloat16)
+
+
 def test_how_many_groups():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert R.hidden_split(8, 8, cuda, sm_count=132) == 8  # B = 128, hidden 1024: a group per slice

@@ -97,6 +97,24 @@ def test_the_narrow_update_tiles_per_dtype_and_optimizer():
     assert key(G.grads_config(16384, (784, 128, 10), torch.float32, "update")) == (16, 32, 4, 2)  # fp32 IEEE
 
 
+def test_the_wide_update_tiles_per_dtype_and_optimizer():
+    """Past WIDE_FROM rows (the compile report's rules): SGD 128 columns and 16 warps in 16-bit dtypes, 64 and 8
+    in TF32; Adam half of that (64 columns in TF32 spill); accumulating 32; and 16 for layer inputs that are not
+    multiples of 16 wide (the course's 1000 → 100 and 20 → 13 → 8 spill at 64 and 128 columns)."""
+    cfg = lambda widths, dtype, opt="sgd", epilogue="update", **kw: G.grads_config(  # noqa: E731
+        16384, widths, dtype, epilogue, optimizer=opt, **kw)
+    key = lambda c: (c["BLOCK_N"], c["num_warps"])  # noqa: E731
+    seed, f32, bf16 = (784, 128, 10), torch.float32, torch.bfloat16
+    assert key(cfg(seed, bf16)) == key(cfg(seed, torch.float16)) == (128, 16)
+    assert key(cfg(seed, f32, precision="tf32")) == key(cfg(seed, bf16, "adam")) == (64, 8)
+    assert key(cfg(seed, f32, "adam", precision="tf32")) == (32, 4)
+    assert key(cfg(seed, bf16, epilogue="accumulate")) == (32, 8)
+    for widths in ((1000, 100, 10), (784, 100, 10), (1000, 128, 10), (20, 13, 8, 3)):
+        assert key(cfg(widths, bf16)) == key(cfg(widths, f32, "adam", precision="tf32")) == (16, 4), widths
+        assert cfg(widths, bf16, epilogue="accumulate")["BLOCK_N"] == 16, widths
+    assert key(cfg((1008, 96, 10), bf16)) == (128, 16)  # aligned: the output width does not count
+
+
 def test_resident_programs_of_the_update_tiles():
     """One per SM for the wide update tiles (64 and 128 columns), two for the others (the compile report: 1 block
     per SM at 128–189 registers × 256–512 threads; 3–7 for 16-column update and accumulate tiles)."""

@@ -220,19 +220,19 @@ def test_momentum_state_interchanges_with_torch_sgd(step_backend):
 def test_half_precision_step(backend, dtype, tiles, monkeypatch):
     """Two steps in half precision against fp64 and same-dtype eager, by the flash-attention rule
     |ours − ref64| ≤ 2·|torch_same_dtype − ref64| + atol, on the losses, parameters and momentum buffers; with the
-    row kernel's small-batch tiles and its large-batch tiles — 64 rows (a hidden width that is not a multiple of
-    16), 128 rows (one that is) — forced at 40 rows (one ragged block), and the gradient kernel's large-batch tiles
-    (128 columns, 16 warps in 16-bit dtypes) likewise."""
+    row kernel's small-batch tiles (with a ragged hidden slice) and its large-batch tiles — 64 rows (an input
+    width that is not a multiple of 16), 128 rows (one that is) — forced at 40 rows (one ragged block), and the
+    gradient kernel's large-batch tiles (128 columns, 16 warps in 16-bit dtypes) likewise."""
     if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 (pyfused refuses it)")
-    hidden = 40 if tiles == "64 rows" else 32
+    n_in, hidden = (24 if tiles == "64 rows" else 32), (40 if tiles == "16 rows" else 32)
     if tiles in ("64 rows", "128 rows"):
         if backend == "torch":
             pytest.skip("the kernels' tiles")
         from pyfused.kernels import rows
 
         monkeypatch.setattr(rows, "LARGE_BATCH", 32)
-        cfg = rows.rows_config(40, (24, hidden, 10), dtype, forward=True, backward=True)
+        cfg = rows.rows_config(40, (n_in, hidden, 10), dtype, forward=True, backward=True)
         assert cfg["BLOCK_M"] == int(tiles.split()[0])
     if tiles == "wide gradient tiles":
         if backend == "torch":
@@ -240,15 +240,15 @@ def test_half_precision_step(backend, dtype, tiles, monkeypatch):
         from pyfused.kernels import grads
 
         monkeypatch.setattr(grads, "WIDE_FROM", 32)
-        cfg = grads.grads_config(40, (24, 32, 10), dtype, "update")
+        cfg = grads.grads_config(40, (n_in, hidden, 10), dtype, "update")
         assert (cfg["BLOCK_N"], cfg["num_warps"]) == (128, 16)
-    model, ref = pair(24, hidden, 10, True)
+    model, ref = pair(n_in, hidden, 10, True)
     model.to(dtype)
     refs = {d: copy.deepcopy(ref).to(d) for d in (dtype, torch.float64)}
     opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opts = {d: torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9) for d, r in refs.items()}
     step = FusedTrainStep(model, opt)
-    for x, t in batches(40, 24, 10, 2):
+    for x, t in batches(40, n_in, 10, 2):
         ours = [step(x.to(dtype), t)]
         losses = {}
         for d, r in refs.items():
