@@ -1,7 +1,8 @@
 """``python -m bench.compile_report``: what every kernel costs on a real GPU, measured without one.
 
-Compiles every kernel variant for each target architecture (:mod:`pyfused.gpu_compile`) at the seed shape
-(B=128, 784 → 128 → 10; every mode, with and without bias) and over a sweep of sizes around it, and writes
+Compiles every kernel variant for each target architecture (:mod:`bench.gpu_compile`) at the seed shape
+(B=128, 784 → 128 → 10; every mode, with and without bias), the course's programs at their own shapes and at
+16384 rows, and over a sweep of sizes around the seed, and writes
 ``bench/results/compile/<arch>.md``: per kernel and launch configuration, registers per thread, spill bytes,
 shared memory per block, resident blocks per SM with the limit that binds, and the occupancy they give.
 Results are cached (``--cache``), so a second run only reformats.
@@ -50,10 +51,11 @@ def _kernel_label(case) -> str:
     return case.kernel if case.activation == "relu" else f"{case.kernel} ({case.activation})"
 
 
-def render(arch: gc.Arch, seed: dict, deep: dict, course: dict, sweep: dict, command: str) -> str:
+def render(arch: gc.Arch, seed: dict, deep: dict, course: dict, course_large: dict, sweep: dict, command: str) -> str:
     """The markdown report of one architecture from :func:`bench.gpu_compile.compile_cases` results: the seed
-    shape, the same kernels of a three-layer net, the course's programs at their own shapes, the size sweep."""
-    every = {**seed, **deep, **course, **sweep}
+    shape, the same kernels of a three-layer net, the course's programs at their own shapes and at
+    :data:`bench.gpu_compile.COURSE_LARGE_ROWS` rows, the size sweep."""
+    every = {**seed, **deep, **course, **course_large, **sweep}
     ptxas = sorted({r["ptxas"] for r in every.values() if r["error"] is None})
     failed = [c for c, r in every.items() if r["error"] is not None]
     spilled = [c for c, r in every.items() if r["error"] is None and (r["spill_stores"] or r["spill_loads"])]
@@ -99,9 +101,13 @@ def render(arch: gc.Arch, seed: dict, deep: dict, course: dict, sweep: dict, com
     lines += [""]
     header_shape = ["shape", "kernel", "mode", "bias", "config", "grid", "regs", "spill", "shared", "blocks/SM",
                     "occ.", "note"]
-    lines += _table(header_shape, [[c.shape, _kernel_label(c), c.mode, "yes" if c.bias else "no",
-                                    config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
-                                   for c, r in course.items()])
+    for title, results in (("", course), (f"## The course's programs at {gc.COURSE_LARGE_ROWS} rows (the large-batch "
+                                          "tiles)", course_large)):
+        if title:
+            lines += ["", title, ""]
+        lines += _table(header_shape, [[c.shape, _kernel_label(c), c.mode, "yes" if c.bias else "no",
+                                        config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
+                                       for c, r in results.items()])
     lines += ["", "## Sweep (with bias; sizes B × in → hidden → out)", ""]
     header = ["shape", "kernel", "mode", "config", "grid", "regs", "spill", "shared", "blocks/SM", "occ.", "note"]
     rows = [[c.shape, c.kernel, c.mode, config_text(r["config"]), str(r["grid"][0]), *_cells(r)]
@@ -123,15 +129,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sets = dict(seed=gc.seed_cases(ALL_KERNELS, args.arch), deep=gc.seed_cases(gc.DEEP_KERNELS, args.arch, depth=3),
-                course=gc.course_cases(args.arch), sweep=[] if args.no_sweep else gc.sweep_cases(archs=args.arch))
+                course=gc.course_cases(args.arch), course_large=gc.course_cases(args.arch, gc.COURSE_LARGE_ROWS),
+                sweep=[] if args.no_sweep else gc.sweep_cases(archs=args.arch))
     results = gc.compile_cases(list(dict.fromkeys(c for cases in sets.values() for c in cases)), args.workers,
                                args.cache)
-    command = "python -m bench.compile_report" + ("" if argv is None else " " + " ".join(argv))
+    command = " ".join(["python -m bench.compile_report", *(["--arch", *args.arch] if args.arch != list(gc.ARCHS) else []),
+                        *(["--out", str(args.out)] if args.out != OUT else []), *(["--no-sweep"] if args.no_sweep else [])])
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.arch:
         parts = {key: {c: results[c] for c in cases if c.arch == name} for key, cases in sets.items()}
         path = args.out / f"{name}.md"
-        path.write_text(render(gc.ARCHS[name], parts["seed"], parts["deep"], parts["course"], parts["sweep"], command))
+        path.write_text(render(gc.ARCHS[name], parts["seed"], parts["deep"], parts["course"], parts["course_large"],
+                               parts["sweep"], command))
         print(f"wrote {path}")
     return 0
 

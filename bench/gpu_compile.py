@@ -167,9 +167,14 @@ def seed_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), depth=2, shape=None) ->
             for act in (checks.ACTIVATIONS if k in ACTIVATION_KERNELS else ("relu",))]
 
 
-def course_cases(archs=tuple(ARCHS)) -> list[Case]:
-    """The kernels of each course program at its own shape (:data:`COURSE`), every arch, mode, bias, activation."""
-    return list(dict.fromkeys(c for shape, kernels in COURSE.values() for c in seed_cases(kernels, archs, shape=shape)))
+COURSE_LARGE_ROWS = 16384  # the course's programs at a large batch too: the launchers' large-batch tiles
+
+
+def course_cases(archs=tuple(ARCHS), n_rows=None) -> list[Case]:
+    """The kernels of each course program at its own shape (:data:`COURSE`) — or at ``n_rows`` rows (e.g.
+    :data:`COURSE_LARGE_ROWS`) —, every arch, mode, bias, activation."""
+    return list(dict.fromkeys(c for shape, kernels in COURSE.values()
+                              for c in seed_cases(kernels, archs, shape=(n_rows or shape[0], *shape[1:]))))
 
 
 def sweep_cases(kernels=SEED_KERNELS, archs=tuple(ARCHS), modes=MODES) -> list[Case]:

@@ -53,14 +53,21 @@ HSPLIT = [  # the row kernel's hidden split (small B, wide hidden layers): the t
     for kernel in ("step_rows", "step_rows_mse") for arch in gc.ARCHS for mode in gc.MODES if mode != "fp64"
 ] + [gc.Case(kernel, arch, mode, True, 128, 784, 1024, 10)
      for kernel in ("forward_loss", "forward", "forward_eval") for arch in gc.ARCHS for mode in ("tf32", "bf16")]
+COURSE_LARGE = [  # the course's unaligned widths at a large batch, where the wide tiles spilled 8 B–1.8 KB
+    gc.Case(kernel, arch, "bf16", True, gc.COURSE_LARGE_ROWS, n_in, hidden, out, extra_hidden=extra)
+    for kernel, arch, (n_in, hidden, out, extra) in (
+        ("step_rows_mse", "sm_90", (1000, 100, 10, ())), ("step_grads", "sm_80", (1000, 100, 10, ())),
+        ("step_grads_adam", "sm_90", (1000, 100, 10, ())), ("step_grads", "sm_80", (20, 13, 3, (8,))))
+]
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
-         + gc.course_cases() if c not in set(SEED + OTHERS + SPLIT + LARGE + PARTIALS + HSPLIT)]
+         + gc.course_cases() + gc.course_cases(n_rows=gc.COURSE_LARGE_ROWS)
+         if c not in set(SEED + OTHERS + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT)
+    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE)
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +89,12 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT, ids=str)
+@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]
