@@ -259,8 +259,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       input width that is a multiple of 16 and at most 128 outputs (half the re-reads again: at 65536 rows,
       hidden 1024, bf16, launch 1 207.9 → 123.6 µs predicted; 202–255 registers, no spills on sm_80 and sm_90
       with Triton 3.6's and 3.8's ptxas, relu and sigmoid; at 256 outputs, three layers or an unaligned hidden
-      layer they spill 88–1300 B, with the course's 1000 inputs 184–404 B, TF32 takes 253–255 registers and
-      spills 12–100 B with sigmoid, 16 warps spill too);
+      layer they spill 88–1300 B, with the course's 1000 inputs 184–404 B, 16 warps spill too) — and in TF32 for
+      at most 32 outputs, with hidden slices of 64 (255 registers, no spills on sm_80 and sm_90 with either
+      ptxas; slices of 128 spill 8–128 B, 64 outputs 12 B with Triton 3.6, 128 outputs 56–80 B; launch 1 at
+      65536 rows, hidden 1024: 413.7 → 245.1 µs predicted, the step 2.15 → 1.76× its roofline);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
@@ -276,9 +278,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     if forward and backward:
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
-        if large and aligned:  # 128 rows in 16-bit dtypes for two layers, an aligned input and at most 128 outputs
-            tall = half and len(widths) == 3 and widths[0] % 16 == 0 and block_out <= 128
-            return large_tiles(block_h, 128 if tall else 64)
+        if large and aligned:  # 128 rows for two layers, an aligned input and at most 128 outputs (TF32: 32, and
+            # hidden slices of 64)
+            tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
+            return large_tiles(block_h if half or not tall else min(block_h, 64), 128 if tall else 64)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and (not aligned or precision != "tf32" and block_out >= 256):

@@ -226,7 +226,7 @@ def test_train_step_with_row_partials_matches_the_eager_loop(kernels, monkeypatc
 def test_row_partials_only_with_the_large_batch_tiles():
     bf16, f32 = torch.bfloat16, torch.float32
     assert R.row_partials_pay(65536, (784, 1024, 10), bf16)  # 128 rows: 80 B of partials for 256 B of activations
-    assert R.row_partials_pay(16384, (784, 128, 10), f32, "tf32")  # 64 rows of 4 bytes
+    assert R.row_partials_pay(16384, (784, 128, 10), f32, "tf32")  # 128 rows of 4 bytes
     assert R.row_partials_pay(16384, (784, 128, 16), bf16)
     assert not R.row_partials_pay(16384, (784, 128, 32), bf16)  # 256 B of partials: no gain
     assert not R.row_partials_pay(16384, (784, 128, 10), f32)  # fp32 IEEE: 16-row tiles
@@ -237,11 +237,15 @@ def test_row_partials_only_with_the_large_batch_tiles():
 def test_large_batch_row_tiles_only_for_aligned_widths():
     """The train step's large-batch row tiles need hidden widths of whole 16-wide tiles (the course's hidden 100
     spills at 64 rows: it keeps 16), and the 128-row ones an input width that is one too (the course's 1000 inputs
-    spill at 128 rows); a module's forward keeps its 64-row tiles."""
+    spill at 128 rows) and at most 128 outputs, 32 in TF32; a module's forward keeps its 64-row tiles."""
     tiles = lambda widths, dtype=torch.bfloat16, backward=True: R.rows_config(  # noqa: E731
         16384, widths, dtype, forward=True, backward=backward)["BLOCK_M"]
     assert tiles((784, 128, 10)) == 128 and tiles((1000, 128, 10)) == 64
     assert tiles((784, 128, 10), torch.float32) == 16  # fp32 IEEE
+    tf32 = lambda widths: R.rows_config(16384, widths, torch.float32, forward=True, backward=True,  # noqa: E731
+                                        precision="tf32")
+    assert (tf32((784, 1024, 10))["BLOCK_M"], tf32((784, 1024, 10))["BLOCK_H"]) == (128, 64)  # TF32: slices of 64
+    assert (tf32((784, 128, 32))["BLOCK_M"], tf32((784, 128, 64))["BLOCK_M"]) == (128, 64)  # to 32 outputs
     assert tiles((784, 100, 10)) == tiles((1000, 100, 10)) == tiles((20, 13, 8, 3)) == 16
     assert R.rows_config(16384, (1000, 100, 10), torch.float32, forward=True, backward=True,
                          precision="tf32")["BLOCK_M"] == 16
