@@ -250,8 +250,8 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       65536 rows 77.0 → 68.8 µs at hidden 128, 488.8 → 426.6 at hidden 1024), 32 for ``"accumulate"`` (64 spill
       16 B in bf16 on sm_80) — all only where the layers' inputs are multiples of 16 wide (the course's 1000 → 100
       spills 28–1844 B at 64 or 128 columns, 20 → 13 → 8 8–16 B: they keep 16); fp32 IEEE keeps 16: it is
-      FMA-bound there, and its update epilogue at 32
-      columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps at 16 columns; up to 16 rows K steps
+      FMA-bound there, and its update epilogue at 32 columns spills on sm_80. ``"update"`` with K steps of 32
+      and 4 warps at 16 columns; up to 16 rows K steps
       of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
       warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
       at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
