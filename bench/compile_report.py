@@ -133,8 +133,9 @@ def main(argv=None) -> int:
                 sweep=[] if args.no_sweep else gc.sweep_cases(archs=args.arch))
     results = gc.compile_cases(list(dict.fromkeys(c for cases in sets.values() for c in cases)), args.workers,
                                args.cache)
-    command = " ".join(["python -m bench.compile_report", *(["--arch", *args.arch] if args.arch != list(gc.ARCHS) else []),
-                        *(["--out", str(args.out)] if args.out != OUT else []), *(["--no-sweep"] if args.no_sweep else [])])
+    options = ((["--arch", *args.arch] if args.arch != list(gc.ARCHS) else [])
+               + (["--out", str(args.out)] if args.out != OUT else []) + (["--no-sweep"] if args.no_sweep else []))
+    command = " ".join(["python -m bench.compile_report", *options])
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.arch:
         parts = {key: {c: results[c] for c in cases if c.arch == name} for key, cases in sets.items()}

@@ -270,7 +270,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
-    aligned = all(n % 16 == 0 for n in widths[:-1])  # unaligned inputs (the course's 1000 → 100, 20 → 13 → 8) spill
+    aligned = all(n % 16 == 0 for n in widths[:-1])  # unaligned (the course's 1000 → 100, 20 → 13 → 8) spill
     wide = n_rows > WIDE_FROM and wide_ok and aligned
     if not wide:
         block_n = 16

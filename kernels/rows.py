@@ -281,7 +281,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         if large and aligned:  # 128 rows for two layers, an aligned input and at most 128 outputs (TF32: 32, and
             # hidden slices of 64)
             tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
-            return large_tiles(block_h if half or not tall else min(block_h, 64), 128 if tall else 64)
+            return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and (not aligned or precision != "tf32" and block_out >= 256):
@@ -316,11 +316,10 @@ def row_partials_pay(n_rows: int, widths: tuple, dtype: torch.dtype, precision: 
     reads (``BLOCK_M·s`` per hidden feature and row block, from HBM past the L2's size) — bf16 at 65536 rows,
     hidden 1024, 10 outputs: 21 MB of partials for 134 MB of activations; launch 2's last-layer tiles sum R
     partials instead of reducing over B rows (``python -m bench.model``: launch 2 194.0 → 181.6 µs there, 51.0 →
-    47.9 at 16384 rows). Not for a last hidden width that is not
-    a multiple of 16: its 64-row tiles spill 4–300 B with the partials' product (the course's 100)."""
+    47.9 at 16384 rows). Those tiles are only taken for hidden widths that are multiples of 16 (:func:`rows_config`;
+    the course's 100 spills 4–300 B with the partials' product)."""
     cfg = rows_config(n_rows, widths, dtype, forward=True, backward=True, precision=precision)
-    return (len(widths) >= 3 and widths[-2] % 16 == 0 and cfg["BLOCK_M"] >= 64
-            and 8 * widths[-1] < cfg["BLOCK_M"] * dtype.itemsize)
+    return len(widths) >= 3 and cfg["BLOCK_M"] >= 64 and 8 * widths[-1] < cfg["BLOCK_M"] * dtype.itemsize
 
 
 def row_partials_buffer(n_rows: int, widths: tuple, dtype: torch.dtype, precision: str,
