@@ -96,14 +96,16 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
         layers = 1 if partials else 2  # with the row partials, the last layer's tiles only sum them
         flops = 2 * B * (N_IN * h + (0 if partials else h * N_OUT))
         stats = math.ceil(n_blocks / br)  # the statistics every program sums
-        chain = math.ceil(rows / bk) + stats + (split if split > 1 else 0)
+        # the partials buffer: S > 1, or a tile summed and updated a part at a time (EPILOGUE_N) at S = 1 too
+        parts = split > 1 or cfg.get("EPILOGUE_N", bn) < bn
+        chain = math.ceil(rows / bk) + stats + (split if parts else 0)
         if partials:  # R partials, PARTS_PER_STEP loads in flight per step
             chain = max(chain, math.ceil(n_blocks / _parts_per_step()) + stats)
         # each tile its rows of D_i and of A_i, less the columns its masks leave out (past n_{i+1}, n_i)
         l2 = sum(split * s * rows * (math.ceil(widths[i] / bn) * widths[i + 1] + math.ceil(widths[i + 1] / bms[i])
                                      * widths[i]) for i in range(layers)) + part_bytes
         params = N_IN * h + h + h * N_OUT + N_OUT
-        l2 += (2 * split * 4 * params if split > 1 else 0) + grid * 8 * n_blocks
+        l2 += (2 * split * 4 * params if parts else 0) + grid * 8 * n_blocks
         # x, dpre (and h, dz, or the partials) once; p, momentum in and out
         hbm = s * B * (N_IN + h + (0 if partials else h + N_OUT)) + part_bytes + s * 4 * params
     terms = {

@@ -55,35 +55,61 @@ def tile_product(
 
 
 @triton.jit
-def split_reduce(
+def split_arrive(
     part_ptr,  # this product's slice partials: S slices of (M·N tile values, then M row sums), in ACC
     counter_ptr,  # int32 arrival counter of this tile (0 between launches: the last program resets it)
     part, n_split,  # this program's slice, S
     acc, row_sum, offs, mask, m_offs, m_mask,  # this slice's tile and row sums, their offsets and masks
     M, N, with_sum,  # the product's shape; whether row sums are kept (a bias, first column of tiles)
+    RESET: tl.constexpr,  # the last program resets the counter here (else after its sums: split_done)
 ):
-    """A deterministic split reduction over K: each of the ``n_split`` programs of a tile stores its partial, the
-    last to arrive (an acq_rel counter, which it resets for the next launch or CUDA-graph replay) sums the S
-    partials in slice order — the same order whichever program arrives last, so the result bits do not depend
-    on scheduling. Returns ``(acc, row_sum, last)``: the whole reduction on the last program, which runs the
-    epilogue. Loads bypass L1 (``.cg``): the other programs' partials are in L2."""
+    """The first half of a deterministic split reduction over K: each of the ``n_split`` programs of a tile
+    stores its partial and counts its arrival (an acq_rel counter); returns whether this program is the last to
+    arrive, which then sums the S partials (:func:`sum_partials`, in slice order: the same order whichever
+    program arrives last, so the result bits do not depend on scheduling) — the whole tile at once
+    (:func:`split_reduce`), or a part of it at a time — and resets the counter for the next launch or CUDA-graph
+    replay, here with RESET or after the sums (:func:`split_done`: where it costs fewer registers)."""
     numel = M.to(tl.int64) * N
-    stride = numel + M
-    base = part_ptr + part.to(tl.int64) * stride
+    base = part_ptr + part.to(tl.int64) * (numel + M)
     tl.store(base + offs, acc, mask=mask)
     if with_sum:
         tl.store(base + numel + m_offs, row_sum, mask=m_mask)
+    tl.debug_barrier()  # every thread's partial is stored before the counter is released
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = arrived == n_split - 1
+    if RESET:
+        if last:
+            split_done(counter_ptr)
+    return last
+
+
+@triton.jit
+def split_done(counter_ptr):
+    """The last program of a tile resets its arrival counter (:func:`split_arrive`): every other program has
+    arrived, none reads it again in this launch."""
+    tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+
+
+@triton.jit
+def split_reduce(
+    part_ptr, counter_ptr, part, n_split,  # as in split_arrive
+    acc, row_sum, offs, mask, m_offs, m_mask,  # this slice's tile and row sums, their offsets and masks
+    M, N, with_sum,  # the product's shape; whether row sums are kept (a bias, first column of tiles)
+):
+    """A deterministic split reduction over K (:func:`split_arrive`). Returns ``(acc, row_sum, last)``: the whole
+    reduction of the tile on the last program, which runs the epilogue. Loads bypass L1 (``.cg``): the other
+    programs' partials are in L2."""
+    last = split_arrive(part_ptr, counter_ptr, part, n_split, acc, row_sum, offs, mask, m_offs, m_mask, M, N,
+                        with_sum, RESET=False)
     # the slice's own values are read back like the others': one use of the K loop's results (Triton's
     # thread-locality pass asserts on a loop reduction used twice) and one summation order for every slice
     acc = tl.zeros_like(acc)
     row_sum = tl.zeros_like(row_sum)
-    tl.debug_barrier()  # every thread's partial is stored before the counter is released
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    last = arrived == n_split - 1
     if last:
-        acc, row_sum = sum_partials(part_ptr, n_split, stride, numel, acc, row_sum, offs, mask, m_offs, m_mask,
+        numel = M.to(tl.int64) * N
+        acc, row_sum = sum_partials(part_ptr, n_split, numel + M, numel, acc, row_sum, offs, mask, m_offs, m_mask,
                                     with_sum, 1)
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+        split_done(counter_ptr)
     return acc, row_sum, last
 
 

@@ -14,7 +14,10 @@ leave the GPU idle (large B), each tile's reduction is split into S slices of th
 programs per tile: each stores its partial, the last to arrive sums the S partials in slice order
 (:func:`pyfused.kernels.gemm.split_reduce`) and runs the epilogue — still bit-identical from run to run, for a
 given S. Extra memory with S > 1: ``S·(P + n_out)`` accumulator elements per product, an int32 counter per tile
-(cached, left zero by every launch, so CUDA-graph replays work); no extra launch.
+(cached, left zero by every launch, so CUDA-graph replays work); no extra launch. Summed partials (split slices or
+row partials) reach the epilogue EPILOGUE_N columns of the tile at a time (:func:`summed_epilogue`), so that the
+train step's wide tiles hold only that part of the tile, its parameter and its states at once; such tiles take
+the split path at S = 1 too (one partial, ``P + n_out`` elements, written and read back through L2).
 
 Epilogues (EPILOGUE):
 
@@ -41,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemm import split_reduce, sum_partials, tile_indices, tile_product
+from .gemm import split_arrive, split_reduce, sum_partials, tile_indices, tile_product
 from .launch import acc_dtype, arrival_counters, dot_block, dot_precision, launch
 from .launch import sm_count as sms
 from .layers import layer_input
@@ -117,15 +120,15 @@ def tile_offsets(rm, rn, n_m, n_n):
 
 @triton.jit
 def tile_epilogue(
-    acc, row_sum, rm, rn, n_m, n_n, pid_n, i: tl.constexpr, n_tiles, n_row_tiles, add, k,
+    acc, row_sum, rm, rn, n_m, n_n, first_col, i: tl.constexpr, n_tiles, n_row_tiles, add, k,
     param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr,
     N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,
     EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr, MEAN: tl.constexpr,
     GLOBAL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """A finished tile of layer ``i``'s dW (``n_m × n_n``; and, in the first column of tiles, its db): scaled by
-    the reduction's factor and handed to :func:`param_epilogue` (``n_tiles`` / ``n_row_tiles`` programs share
-    each update)."""
+    """A finished tile of layer ``i``'s dW (``n_m × n_n``; and, where ``first_col`` — the first columns of the
+    parameter —, its db): scaled by the reduction's factor and handed to :func:`param_epilogue` (``n_tiles`` /
+    ``n_row_tiles`` epilogues share each update)."""
     scale = 1.0
     if EPILOGUE != "store":  # after the K loop, so that nothing else lives across it
         total, count = loss_totals(stats_ptr, n_blocks, totals_ptr, GLOBAL, ACC, BLOCK_R)
@@ -134,10 +137,39 @@ def tile_epilogue(
     param_epilogue(acc * scale, offs, mask, 2 * i, n_tiles, add, param_ptrs, grads, states1, states2, states3,
                    steps, book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE, OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
     if HAS_BIAS[i]:
-        if pid_n == 0:
+        if first_col:
             param_epilogue(row_sum * scale, rm.to(tl.int32), m_mask, 2 * i + 1, n_row_tiles, add, param_ptrs,
                            grads, states1, states2, states3, steps, book_ptr, hp_ptr, 2 * N_LAYERS, EPILOGUE,
                            OPTIMIZER, HAS_STATE, AMSGRAD, KEEP_GRAD)
+
+
+@triton.jit
+def summed_epilogue(
+    part_ptr, n_parts, rm, pid_n, i: tl.constexpr, n_tiles, n_row_tiles, add, k,
+    param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr,
+    widths, N_LAYERS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, AMSGRAD: tl.constexpr,
+    EPILOGUE: tl.constexpr, OPTIMIZER: tl.constexpr, KEEP_GRAD: tl.constexpr, MEAN: tl.constexpr,
+    GLOBAL: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, EPILOGUE_N: tl.constexpr, PARTS: tl.constexpr,
+):
+    """The tile of layer ``i``'s dW at rows ``rm`` and column ``pid_n`` of tiles summed over ``n_parts`` partials
+    in memory (split slices, or the row pass's row blocks: :func:`pyfused.kernels.gemm.sum_partials`, in order)
+    and handed to :func:`tile_epilogue` EPILOGUE_N columns at a time: only that much of the tile, its parameter
+    and its states is live at once (TF32's 128-column update tiles fit so)."""
+    n_m = widths[i + 1]
+    n_n = widths[i]
+    numel = n_m * n_n
+    first_col = pid_n == 0  # the first column of tiles: it has the bias
+    for g in tl.static_range(BLOCK_N // EPILOGUE_N):
+        rn = pid_n * BLOCK_N + g * EPILOGUE_N + tl.arange(0, EPILOGUE_N)
+        offs, mask, m_mask = tile_offsets(rm, rn, n_m, n_n)
+        acc, row_sum = sum_partials(part_ptr, n_parts, numel + n_m, numel, tl.zeros((BLOCK_M, EPILOGUE_N), dtype=ACC),
+                                    tl.zeros((BLOCK_M,), dtype=ACC), offs, mask, rm.to(tl.int32), m_mask,
+                                    HAS_BIAS[i] & first_col & (g == 0), PARTS)
+        tile_epilogue(acc, row_sum, rm, rn, n_m, n_n, first_col & (g == 0), i, n_tiles * (BLOCK_N // EPILOGUE_N),
+                      n_row_tiles, add, k, param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr,
+                      stats_ptr, n_blocks, totals_ptr, N_LAYERS, HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER,
+                      KEEP_GRAD, MEAN, GLOBAL, ACC, BLOCK_R)
 
 
 @triton.jit
@@ -168,6 +200,7 @@ def grads_kernel(
     PARTS: tl.constexpr,  # ROW_PARTIALS: partials loaded per step
     BLOCK_MS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DX: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    EPILOGUE_N: tl.constexpr,  # columns of a tile summed from partials per epilogue step (divides BLOCK_N)
 ):
     """One tile of one product (module docstring), or the loss."""
     pid = tl.program_id(0)
@@ -182,37 +215,48 @@ def grads_kernel(
                     tile = tile // splits[i]
                     k_lo = part * chunks[i]
                     k_hi = tl.minimum(k_lo + chunks[i], n_rows)
+                n_tiles = (starts[i + 1] - starts[i]) // splits[i] if SPLIT[i] else starts[i + 1] - starts[i]
+                n_row_tiles = tl.cdiv(widths[i + 1], BLOCK_MS[i])
                 if ROW_PARTIALS and i == N_LAYERS - 1:  # the sum of the row blocks' partials, in block order
-                    bm: tl.constexpr = BLOCK_MS[i]  # a constexpr for tl.zeros (a jit function in Triton 3.6)
-                    rm, rn, pid_n = tile_indices(tile, widths[i], bm, BLOCK_N)
-                    offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
-                    acc, row_sum = sum_partials(
-                        lp_ptr, n_lp, widths[i + 1] * widths[i] + widths[i + 1], widths[i + 1] * widths[i],
-                        tl.zeros((bm, BLOCK_N), dtype=ACC), tl.zeros((bm,), dtype=ACC), offs, mask,
-                        rm.to(tl.int32), m_mask, HAS_BIAS[i] & (pid_n == 0), PARTS)
+                    rm, rn, pid_n = tile_indices(tile, widths[i], BLOCK_MS[i], BLOCK_N)
+                    summed_epilogue(lp_ptr, n_lp, rm, pid_n, i, n_tiles, n_row_tiles, add, k, param_ptrs, grads,
+                                    states1, states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks,
+                                    totals_ptr, widths, N_LAYERS, HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER,
+                                    KEEP_GRAD, MEAN, GLOBAL, ACC, BLOCK_R, BLOCK_MS[i], BLOCK_N, EPILOGUE_N, PARTS)
                 else:
                     src, s_row, s_col = layer_input(x_ptr, stride_x_row, stride_x_col, acts, widths, i)
                     acc, row_sum, rm, rn, pid_n = tile_product(
                         dpres[i], 1, widths[i + 1], src, s_row, s_col, widths[i + 1], widths[i], k_lo, k_hi,
                         tile, HAS_BIAS[i], ACC, BLOCK_MS[i], BLOCK_N, BLOCK_K, PRECISION)
-                if SPLIT[i]:
-                    offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
-                    acc, row_sum, last = split_reduce(
-                        parts[i], counters_ptr + counter_starts[i] + tile, part, splits[i], acc, row_sum, offs,
-                        mask, rm.to(tl.int32), m_mask, widths[i + 1], widths[i], HAS_BIAS[i] & (pid_n == 0))
-                    if last:  # the tile's whole reduction
-                        tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n, i,
-                                      (starts[i + 1] - starts[i]) // splits[i],
-                                      tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, k, param_ptrs, grads, states1,
-                                      states2, states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr,
-                                      N_LAYERS, HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN,
-                                      GLOBAL, ACC, BLOCK_R)
-                else:  # no runtime branch around the epilogue: one more spills in the 16-bit update on sm_80
-                    tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n, i, starts[i + 1] - starts[i],
-                                  tl.cdiv(widths[i + 1], BLOCK_MS[i]), add, k, param_ptrs, grads, states1, states2,
-                                  states3, steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr, N_LAYERS,
-                                  HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN, GLOBAL, ACC,
-                                  BLOCK_R)
+                    if SPLIT[i]:  # the last of the tile's S programs sums their partials and runs the epilogue
+                        offs, mask, m_mask = tile_offsets(rm, rn, widths[i + 1], widths[i])
+                        if EPILOGUE_N < BLOCK_N:  # the sums and the epilogue a part of the tile at a time
+                            last = split_arrive(parts[i], counters_ptr + counter_starts[i] + tile, part, splits[i],
+                                                acc, row_sum, offs, mask, rm.to(tl.int32), m_mask, widths[i + 1],
+                                                widths[i], HAS_BIAS[i] & (pid_n == 0), RESET=True)
+                            if last:
+                                summed_epilogue(parts[i], splits[i], rm, pid_n, i, n_tiles, n_row_tiles, add, k,
+                                                param_ptrs, grads, states1, states2, states3, steps, book_ptr, hp_ptr,
+                                                stats_ptr, n_blocks, totals_ptr, widths, N_LAYERS, HAS_BIAS,
+                                                HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN, GLOBAL, ACC,
+                                                BLOCK_R, BLOCK_MS[i], BLOCK_N, EPILOGUE_N, 1)
+                        else:  # the whole tile (summed in the same order: the same bits; as parts, a few
+                            # launches spill 4–8 B)
+                            acc, row_sum, last = split_reduce(
+                                parts[i], counters_ptr + counter_starts[i] + tile, part, splits[i], acc, row_sum,
+                                offs, mask, rm.to(tl.int32), m_mask, widths[i + 1], widths[i],
+                                HAS_BIAS[i] & (pid_n == 0))
+                            if last:
+                                tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n == 0, i, n_tiles,
+                                              n_row_tiles, add, k, param_ptrs, grads, states1, states2, states3,
+                                              steps, book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr, N_LAYERS,
+                                              HAS_BIAS, HAS_STATE, AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN,
+                                              GLOBAL, ACC, BLOCK_R)
+                    else:  # no runtime branch around the epilogue: one more spills in the 16-bit update on sm_80
+                        tile_epilogue(acc, row_sum, rm, rn, widths[i + 1], widths[i], pid_n == 0, i, n_tiles,
+                                      n_row_tiles, add, k, param_ptrs, grads, states1, states2, states3, steps,
+                                      book_ptr, hp_ptr, stats_ptr, n_blocks, totals_ptr, N_LAYERS, HAS_BIAS, HAS_STATE,
+                                      AMSGRAD, EPILOGUE, OPTIMIZER, KEEP_GRAD, MEAN, GLOBAL, ACC, BLOCK_R)
     if DX:
         if (pid >= starts[N_LAYERS]) & (pid < starts[N_LAYERS + 1]):
             acc, _, rm, rn, _ = tile_product(dpres[0], widths[1], 1, ws[0], w_strides[0], w_strides[1], n_rows,
@@ -243,16 +287,17 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
       SM-starved launch); past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction fills the GPU
-      and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) for ``"update"`` 128
-      columns and 16 warps for SGD in 16-bit dtypes, 64 and 8 for SGD in TF32 and Adam in 16-bit dtypes, 32 and 4
-      for Adam in TF32 (an eighth / a quarter / half of the re-reads; at 128 columns TF32 spills 24–164 B, Adam's
-      epilogue 472–552 B in bf16, at 64 in TF32 16 B on sm_80; 4 warps at 64 spill 36–1736 B; the model: bf16 at
-      65536 rows 77.0 → 68.8 µs at hidden 128, 488.8 → 426.6 at hidden 1024), 32 for ``"accumulate"`` (64 spill
-      16 B in bf16 on sm_80) — all only where the layers' inputs are multiples of 16 wide (the course's 1000 → 100
-      spills 28–1844 B at 64 or 128 columns, 20 → 13 → 8 8–16 B: they keep 16); fp32 IEEE keeps 16: it is
-      FMA-bound there, and its update epilogue at 32 columns spills on sm_80. ``"update"`` with K steps of 32
-      and 4 warps at 16 columns; up to 16 rows K steps
-      of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's 252 update launches of 16 columns, 4
+      and each program's re-read of D_i from L2 is what binds: ``python -m bench.model``) 128 columns and 16
+      warps for ``"update"`` and ``"accumulate"`` (an eighth of the re-reads), their partials summed and the
+      epilogue run EPILOGUE_N columns at a time (:func:`summed_epilogue`, through the partials buffer even at
+      S = 1): whole tiles for SGD in 16-bit dtypes, 64 columns for SGD in TF32 (whole, 24–164 B spill: only that
+      much of the tile, parameter and momentum is live at once), 32 for Adam (whole, 472–552 B in bf16) and the
+      accumulation (the model: TF32 at 16384 rows and hidden 1024 launch 2 130.9 → 91.9 µs, at 64-column tiles
+      before) — all only where the layers' inputs are multiples of 16 wide (the course's 1000 → 100 spills
+      28–1844 B at 64 or 128 columns, 20 → 13 → 8 8–16 B: they keep 16); fp32 IEEE keeps 16: it is FMA-bound
+      there, and its update epilogue at 32 columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps
+      at 16 columns; up to 16 rows K steps of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's
+      252 update launches of 16 columns, 4
       warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
       at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
       none, but it gives up the K loop's pipelining. So: float64 (a correctness dtype, FMA-bound) takes 1 stage,
@@ -265,19 +310,18 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     last = len(widths) - 2
     if epilogue == "store":
         return dict(BLOCK_MS=(32,) * (last + 1), BLOCK_N=32, BLOCK_K=16 if dtype == torch.float64 else 32,
-                    BLOCK_DX=32, BLOCK_R=16, num_warps=4, num_stages=3 if dtype.itemsize == 2 else 2)
+                    BLOCK_DX=32, BLOCK_R=16, EPILOGUE_N=32, num_warps=4, num_stages=3 if dtype.itemsize == 2 else 2)
     cap = 64 if dtype == torch.float64 else 128
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
     wide_ok = dtype.itemsize == 2 or precision == "tf32"  # fp32 IEEE's update at 32 columns spills 96 B on sm_80
     aligned = all(n % 16 == 0 for n in widths[:-1])  # unaligned (the course's 1000 → 100, 20 → 13 → 8) spill
     wide = n_rows > WIDE_FROM and wide_ok and aligned
-    if not wide:
-        block_n = 16
-    elif update:  # SGD: 128 in 16-bit dtypes, 64 in TF32; Adam's epilogue half that (64 in TF32 spills 16 B)
-        block_n = (128 if dtype.itemsize == 2 else 64) // (1 if optimizer == "sgd" else 2)
-    else:
-        block_n = 32
+    block_n = 128 if wide else 16
+    # the wide tiles sum their partials and run the epilogue a part at a time: SGD 64 columns in TF32 (whole
+    # 16-bit tiles fit), Adam and the accumulation 32 (whole tiles spill)
+    epilogue_n = block_n if not wide or (update and optimizer == "sgd" and dtype.itemsize == 2) else \
+        64 if update and optimizer == "sgd" else 32
     block_k, stages = dot_block(n_rows, 32) if update else 16, 2
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:
@@ -287,7 +331,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
         elif dtype.itemsize == 2:
             stages = 3
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
-                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DX=32, BLOCK_R=block_r,
+                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DX=32, BLOCK_R=block_r, EPILOGUE_N=epilogue_n,
                 num_warps=4 if update and block_n < 64 else 16 if block_n == 128 else 8, num_stages=stages)
 
 
@@ -297,10 +341,10 @@ MAX_SPLIT = 64
 
 
 def resident_programs(cfg: dict, epilogue: str) -> int:
-    """Programs of :func:`grads_kernel` an SM holds at once, as :func:`split_count` counts them: 1 for the wide
-    update tiles (64 or 128 columns: 128–189 registers × 256–512 threads, one block per SM in the compile
-    report), else 2 (3–7 fit)."""
-    return 1 if epilogue == "update" and cfg["BLOCK_N"] >= 64 else 2
+    """Programs of :func:`grads_kernel` an SM holds at once, as :func:`split_count` counts them: 1 for the train
+    step's wide tiles (128 columns: 108–128 registers × 512 threads, one block per SM in the compile report),
+    else 2 (3–7 fit)."""
+    return 1 if epilogue != "store" and cfg["BLOCK_N"] >= 64 else 2
 
 
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None,
@@ -390,7 +434,11 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
         return
     stand_in = x
     n_params = 2 * n_layers
-    split_layers = tuple(bool(t) and s > 1 for s, t in zip(splits, tiles))
+    # a layer whose epilogue runs on part of a tile at a time (EPILOGUE_N) takes the split path even with S = 1:
+    # its tiles go through the partials buffer (P + n_{i+1} elements, in L2) and are summed back in parts
+    by_parts = cfg["EPILOGUE_N"] < cfg["BLOCK_N"]
+    split_layers = tuple(bool(t) and (s > 1 or (by_parts and not (row_partials is not None and i == n_layers - 1)))
+                         for i, (s, t) in enumerate(zip(splits, tiles)))
     split_any = any(split_layers)
     parts = [stand_in] * n_layers
     counters = stand_in

@@ -10,7 +10,8 @@ import pyfused
 from pyfused import torch_ops
 from pyfused.kernels import rows as R
 from pyfused.kernels.launch import COUNTERS, observe
-from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin, steps_match_eager
+from utils import (DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_loss, eager_twin, params_and_states_match,
+                   step_and_eager, steps_match_eager)
 
 B, N_IN, HIDDEN, N_OUT = 40, 24, 100, 5  # hidden 100: 7 slices of 16, the last one ragged
 CONFIG = dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=16, BLOCK_OUT=16, num_warps=4, num_stages=2)
@@ -202,25 +203,14 @@ def test_train_step_with_row_partials_matches_the_eager_loop(kernels, monkeypatc
     monkeypatch.setattr(R, "row_partials_pay", lambda *args, **kwargs: True)
     torch.manual_seed(0)
     model = pyfused.DeepFusedMLP(*features, bias=bias, device=DEVICE, log_softmax=loss == "nll")
-    ref = eager_twin(model)
-    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
-    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
-    step = pyfused.FusedTrainStep(model, opt, loss=loss, accumulation_steps=k)
+    step, opt, ref, ref_opt = step_and_eager(model, optimizer, loss, k)
     seen = []
     with observe(seen.append):
         steps_match_eager(step, ref, ref_opt, loss, batches(loss, 40, 9, features[-1], 4, 3), k)
     launches = [s for s in seen if s.name in ("rows_kernel", "grads_kernel")]
     assert len(launches) == 8 and all(s.kwargs["ROW_PARTIALS"] for s in launches)
     assert not any(s.kwargs["STORE_DZ"] for s in launches if s.name == "rows_kernel")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
-        if optimizer == "adam":
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], **STEP_TOL,
-                                           msg=lambda m: f"{name} {key}: {m}")
-        else:
-            torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"],
-                                       **STEP_TOL, msg=lambda m: f"{name} momentum: {m}")
+    params_and_states_match(model, opt, ref, ref_opt)
 
 
 def test_row_partials_only_with_the_large_batch_tiles():

@@ -65,6 +65,18 @@ def test_the_row_partials_take_the_last_layer_off_launch_2(monkeypatch):
     assert ours[1]["chain"] >= -(-512 // PARTS_PER_STEP) * model.STEP_NS * 1e-3
 
 
+def test_a_tile_summed_in_parts_goes_through_the_partials_at_s_1():
+    """TF32's 128-column update tiles (EPILOGUE_N 64) write their one partial and read it back even unsplit:
+    2 · 4 bytes per parameter more through L2 and one more step in the chain than whole tiles."""
+    case = gc.Case("step_grads", "sm_90", "tf32", True, 16384, 784, 1024, 10)
+    cfg = dict(BLOCK_MS=(128, 16), BLOCK_N=128, BLOCK_K=32, BLOCK_R=256)
+    whole, parts = (model.launch_terms("grads", case, dict(config=c, grid=(65,), blocks_per_sm=1, split=1), 132,
+                                       PEAK, "tf32") for c in (dict(cfg, EPILOGUE_N=128), dict(cfg, EPILOGUE_N=64)))
+    params = 784 * 1024 + 1024 + 1024 * 10 + 10
+    assert parts["L2"] - whole["L2"] == pytest.approx(2 * 4 * params / (model.L2_TBPS * 1e12) * 1e6)
+    assert parts["chain"] - whole["chain"] == pytest.approx(model.STEP_NS * 1e-3)
+
+
 @pytest.mark.slow
 def test_the_split_is_never_predicted_slower():
     rows = model.model("h200")

@@ -8,7 +8,7 @@ import triton
 import pyfused
 from pyfused.kernels import grads as G
 from pyfused.kernels.launch import COUNTERS, observe
-from utils import DEVICE, OPTIMIZERS, STEP_TOL, TOL, batches, eager_twin, steps_match_eager
+from utils import DEVICE, TOL, batches, eager_twin, params_and_states_match, step_and_eager, steps_match_eager
 
 
 @pytest.fixture
@@ -76,13 +76,36 @@ def test_train_step_with_a_split_matches_the_eager_loop(kernels, loss, optimizer
     kernels(3)
     torch.manual_seed(0)
     model = pyfused.DeepFusedMLP(9, 12, 4, device=DEVICE, log_softmax=loss == "nll")
-    ref = eager_twin(model)
-    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
-    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
-    step = pyfused.FusedTrainStep(model, opt, accumulation_steps=k, loss=loss)
+    step, opt, ref, ref_opt = step_and_eager(model, optimizer, loss, k)
     steps_match_eager(step, ref, ref_opt, loss, batches(loss, 90, 9, 4, 4), k)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+    params_and_states_match(model, opt, ref, ref_opt)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("row_partials", [False, True])
+@pytest.mark.parametrize("loss,optimizer,k", [("nll", "sgd", 1), ("mse", "adam", 1), ("nll", "sgd", 2)])
+def test_train_step_with_the_epilogue_in_column_parts_matches_the_eager_loop(kernels, monkeypatch, split,
+                                                                              row_partials, loss, optimizer, k):
+    """Tiles whose partials are summed and updated (or accumulated, k = 2) EPILOGUE_N columns at a time, as the
+    wide tiles of TF32, of Adam and of the accumulation are: forced here at 32-column tiles in parts of 16
+    (ragged and wholly masked parts at 40 → 36 → 4), through the partials buffer at S = 1 too, and with the last
+    layer's row partials."""
+    kernels(split)
+    from pyfused.kernels import rows as R
+
+    monkeypatch.setattr(R, "row_partials_pay", lambda *args, **kwargs: row_partials)
+    config = G.grads_config
+    monkeypatch.setattr(G, "grads_config", lambda *args, **kwargs: dict(config(*args, **kwargs), BLOCK_N=32,
+                                                                        EPILOGUE_N=16))
+    torch.manual_seed(0)
+    model = pyfused.DeepFusedMLP(40, 36, 4, device=DEVICE, log_softmax=loss == "nll")
+    step, opt, ref, ref_opt = step_and_eager(model, optimizer, loss, k)
+    seen = []
+    with observe(seen.append):
+        steps_match_eager(step, ref, ref_opt, loss, batches(loss, 90, 40, 4, 4), k)
+    launches = [s for s in seen if s.name == "grads_kernel"]
+    assert launches and all(s.kwargs["SPLIT"] == (True, not row_partials) for s in launches)
+    params_and_states_match(model, opt, ref, ref_opt)
 
 
 def test_the_narrow_update_tiles_per_dtype_and_optimizer():
@@ -98,31 +121,36 @@ def test_the_narrow_update_tiles_per_dtype_and_optimizer():
 
 
 def test_the_wide_update_tiles_per_dtype_and_optimizer():
-    """Past WIDE_FROM rows (the compile report's rules): SGD 128 columns and 16 warps in 16-bit dtypes, 64 and 8
-    in TF32; Adam half of that (64 columns in TF32 spill); accumulating 32; and 16 for layer inputs that are not
-    multiples of 16 wide (the course's 1000 → 100 and 20 → 13 → 8 spill at 64 and 128 columns)."""
-    cfg = lambda widths, dtype, opt="sgd", epilogue="update", **kw: G.grads_config(  # noqa: E731
-        16384, widths, dtype, epilogue, optimizer=opt, **kw)
-    key = lambda c: (c["BLOCK_N"], c["num_warps"])  # noqa: E731
+    """Past WIDE_FROM rows (the compile report's rules): 128 columns and 16 warps, the epilogue in parts of
+    EPILOGUE_N columns — whole tiles for SGD in 16-bit dtypes, 64 for SGD in TF32, 32 for Adam and for the
+    accumulation (whole, they spill) —; and 16 columns, in one part, for layer inputs that are not multiples of
+    16 wide (the course's 1000 → 100 and 20 → 13 → 8 spill at 64 and 128 columns), small batches and fp32 IEEE."""
+    cfg = lambda widths, dtype, opt="sgd", epilogue="update", rows=16384, **kw: G.grads_config(  # noqa: E731
+        rows, widths, dtype, epilogue, optimizer=opt, **kw)
+    key = lambda c: (c["BLOCK_N"], c["EPILOGUE_N"], c["num_warps"])  # noqa: E731
     seed, f32, bf16 = (784, 128, 10), torch.float32, torch.bfloat16
-    assert key(cfg(seed, bf16)) == key(cfg(seed, torch.float16)) == (128, 16)
-    assert key(cfg(seed, f32, precision="tf32")) == key(cfg(seed, bf16, "adam")) == (64, 8)
-    assert key(cfg(seed, f32, "adam", precision="tf32")) == (32, 4)
-    assert key(cfg(seed, bf16, epilogue="accumulate")) == (32, 8)
+    assert key(cfg(seed, bf16)) == key(cfg(seed, torch.float16)) == (128, 128, 16)
+    assert key(cfg(seed, f32, precision="tf32")) == (128, 64, 16)
+    assert key(cfg(seed, bf16, "adam")) == key(cfg(seed, f32, "adam", precision="tf32")) == (128, 32, 16)
+    assert key(cfg(seed, bf16, epilogue="accumulate")) == key(cfg(seed, f32, epilogue="accumulate",
+                                                                  precision="tf32")) == (128, 32, 16)
     for widths in ((1000, 100, 10), (784, 100, 10), (1000, 128, 10), (20, 13, 8, 3)):
-        assert key(cfg(widths, bf16)) == key(cfg(widths, f32, "adam", precision="tf32")) == (16, 4), widths
+        assert key(cfg(widths, bf16)) == key(cfg(widths, f32, "adam", precision="tf32")) == (16, 16, 4), widths
         assert cfg(widths, bf16, epilogue="accumulate")["BLOCK_N"] == 16, widths
-    assert key(cfg((1008, 96, 10), bf16)) == (128, 16)  # aligned: the output width does not count
+    assert key(cfg((1008, 96, 10), bf16)) == (128, 128, 16)  # aligned: the output width does not count
+    assert key(cfg(seed, f32, rows=128, precision="tf32")) == key(cfg(seed, f32)) == (16, 16, 4)
+    assert key(G.grads_config(16384, seed, f32, "store", precision="tf32")) == (32, 32, 4)
 
 
 def test_resident_programs_of_the_update_tiles():
-    """One per SM for the wide update tiles (64 and 128 columns), two for the others (the compile report: 1 block
-    per SM at 128–189 registers × 256–512 threads; 3–7 for 16-column update and accumulate tiles)."""
+    """One per SM for the train step's wide tiles (128 columns), two for the others (the compile report: 1 block
+    per SM at 108–128 registers × 512 threads; 3–7 for 16-column update and accumulate tiles)."""
     wide = lambda dtype, epilogue, **kw: G.grads_config(16384, (784, 128, 10), dtype, epilogue, **kw)  # noqa: E731
     assert G.resident_programs(wide(torch.bfloat16, "update"), "update") == 1  # 128 columns, 16 warps
-    assert G.resident_programs(wide(torch.float32, "update", precision="tf32"), "update") == 1  # 64 columns
+    assert G.resident_programs(wide(torch.float32, "update", precision="tf32"), "update") == 1  # 128 columns
     assert G.resident_programs(wide(torch.float32, "update"), "update") == 2  # fp32 IEEE: 16 columns
-    assert G.resident_programs(wide(torch.bfloat16, "accumulate"), "accumulate") == 2
+    assert G.resident_programs(wide(torch.bfloat16, "accumulate"), "accumulate") == 1
+    assert G.resident_programs(wide(torch.bfloat16, "store"), "store") == 2
     assert G.resident_programs(G.grads_config(128, (784, 128, 10), torch.bfloat16, "update"), "update") == 2
 
 
@@ -137,7 +165,7 @@ def test_how_many_slices():
     # the train step's update and its loss program: no further wave for a few programs
     assert G.split_count(16384, 15, cuda, sm_count=132) == 18  # 271 programs: a module's backward fills more
     assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True) == 17  # 256 of 2 · 132
-    # TF32's 64-column (8 warps) and 16-bit's 128-column (16 warps) update tiles: one program per SM, one wave
+    # the wide update tiles (128 columns, 16 warps): one program per SM, one wave
     assert G.split_count(16384, 15, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 8
     assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 16
     assert G.split_count(16384, 8, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 32  # two waves

@@ -64,6 +64,25 @@ def steps_match_eager(step, ref, ref_opt, loss, data, k=1):
         torch.testing.assert_close(ours, theirs.detach(), **STEP_TOL)
 
 
+def step_and_eager(model, optimizer, loss, k=1):
+    """``(step, opt, ref, ref_opt)``: a FusedTrainStep of ``model`` with the fused ``optimizer`` of
+    :data:`OPTIMIZERS` (``accumulation_steps=k``), and the eager twin with the torch optimizer, same options."""
+    ref = eager_twin(model)
+    fused_cls, torch_cls, options = OPTIMIZERS[optimizer]
+    opt, ref_opt = fused_cls(model.parameters(), **options), torch_cls(ref.parameters(), **options)
+    return pyfused.FusedTrainStep(model, opt, loss=loss, accumulation_steps=k), opt, ref, ref_opt
+
+
+def params_and_states_match(model, opt, ref, ref_opt) -> None:
+    """Every parameter and every tensor state of the optimizer (momentum, Adam's moments) as the eager loop's."""
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, **STEP_TOL, msg=lambda m: f"{name}: {m}")
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value) and value.numel() > 1:
+                torch.testing.assert_close(value, ref_opt.state[q][key], **STEP_TOL,
+                                           msg=lambda m: f"{name} {key}: {m}")
+
+
 def batches(loss, rows, n_in, n_out, steps, seed=1, all_ignored_at=None, device=DEVICE):
     """Random batches: class targets with every 5th row ignored (every row at step ``all_ignored_at``), or float
     targets of the logits' shape for MSE."""

@@ -271,14 +271,17 @@ LARGE_WIDTHS = {"cuda": (1000, 100, 10), "cpu": (200, 50, 10)}
 
 def check_large_batch(v: Variant, device) -> list[dict]:
     """:func:`check_training` at 16384 rows on CUDA, 3 steps — the large-batch tiles (128 rows in TF32 and 16-bit
-    dtypes at the seed's widths), the split update and the last layer's row partials (``rows.row_partials_pay``),
-    and at :data:`LARGE_WIDTHS` the small tiles that unaligned widths keep —; 64 rows on the interpreter."""
+    dtypes at the seed's widths), the split update, its 128-column tiles updated in parts (``EPILOGUE_N``) and the
+    last layer's row partials (``rows.row_partials_pay``), and at :data:`LARGE_WIDTHS` the small tiles that
+    unaligned widths keep —, and :func:`check_engine_steps` (Adam's 128-column tiles, in parts of 32) at the
+    seed's widths; 64 rows on the interpreter."""
     rows = 16384 if device.type == "cuda" else 64
     out = []
     for widths in (tuple(v.shape[1:]), LARGE_WIDTHS["cuda" if device.type == "cuda" else "cpu"]):
         got = check_training(dataclasses.replace(v, shape=(rows, *widths)), device, steps=3)
         out += [dict(r, check=f"{r['check']}, {rows} × {'→'.join(map(str, widths))}") for r in got]
-    return out
+    got = check_engine_steps(dataclasses.replace(v, shape=(rows, *v.shape[1:])), device, steps=3)
+    return out + [dict(r, check=f"{r['check']}, {rows} rows") for r in got]
 
 
 def check_engine_steps(v: Variant, device, steps=6) -> list[dict]:
