@@ -318,10 +318,13 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     aligned = all(n % 16 == 0 for n in widths[:-1])  # unaligned (the course's 1000 → 100, 20 → 13 → 8) spill
     wide = n_rows > WIDE_FROM and wide_ok and aligned
     block_n = 128 if wide else 16
-    # the wide tiles sum their partials and run the epilogue a part at a time: SGD 64 columns in TF32 (whole
-    # 16-bit tiles fit), Adam and the accumulation 32 (whole tiles spill)
-    epilogue_n = block_n if not wide or (update and optimizer == "sgd" and dtype.itemsize == 2) else \
-        64 if update and optimizer == "sgd" else 32
+    # the wide tiles sum their partials and run the epilogue a part at a time (whole, they spill), but for SGD in
+    # 16-bit dtypes: SGD 64 columns in TF32, Adam and the accumulation 32
+    sgd = update and optimizer == "sgd"
+    if not wide or (sgd and dtype.itemsize == 2):
+        epilogue_n = block_n
+    else:
+        epilogue_n = 64 if sgd else 32
     block_k, stages = dot_block(n_rows, 32) if update else 16, 2
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:
@@ -436,9 +439,10 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
     n_params = 2 * n_layers
     # a layer whose epilogue runs on part of a tile at a time (EPILOGUE_N) takes the split path even with S = 1:
     # its tiles go through the partials buffer (P + n_{i+1} elements, in L2) and are summed back in parts
+    # (not the last layer's with row partials: it sums those, S = 1)
     by_parts = cfg["EPILOGUE_N"] < cfg["BLOCK_N"]
-    split_layers = tuple(bool(t) and (s > 1 or (by_parts and not (row_partials is not None and i == n_layers - 1)))
-                         for i, (s, t) in enumerate(zip(splits, tiles)))
+    summed = [row_partials is not None and i == n_layers - 1 for i in range(n_layers)]
+    split_layers = tuple(bool(t) and not r and (s > 1 or by_parts) for s, t, r in zip(splits, tiles, summed))
     split_any = any(split_layers)
     parts = [stand_in] * n_layers
     counters = stand_in
