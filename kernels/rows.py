@@ -237,7 +237,7 @@ LARGE_BATCH = 16384  # rows from which the row kernel takes the tensor cores' 64
 
 
 def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
-                precision: str = "ieee") -> dict:
+                precision: str = "ieee", loss: str = "none") -> dict:
     """Launch configuration of :func:`rows_kernel` (block sizes, warps, stages), from ``python -m
     bench.compile_report`` (sm_80, sm_90): no spills at the seed shape, shared memory within bounds over the sweep.
 
@@ -264,6 +264,16 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       ptxas; slices of 128 spill 8–128 B, 64 outputs 12 B with Triton 3.6, 128 outputs 56–80 B; launch 1 at
       65536 rows, hidden 1024: 413.7 → 245.1 µs predicted, the step 2.15 → 1.76× its roofline);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
+
+    ``loss="mse"`` (the squared error's target tile beside the logits) changes warps and K steps only, never the
+    tiles (``BLOCK_M``, ``BLOCK_H``: the row blocks, the hidden split and the row partials do not depend on the
+    loss): the train step's 16-row tiles take 4 warps for hidden slices of at most 32 (8 spilled 8–28 B
+    at hidden 16 in fp32/TF32/bf16 and at 128 outputs in 16-bit dtypes on sm_80) and K steps of 32 for a wide
+    logits tile (16 warps at 1024 outputs in 16-bit dtypes spilled 4–28 B), and K steps of 16 in fp32 IEEE past
+    two layers (32 spilled 8–12 B at 784 → 128 → 128 → 10 on sm_90): no spills over the sweep of
+    ``step_rows_mse`` (``bench.gpu_compile.sweep_cases``), its seed and course shapes and hidden 1024 with Triton
+    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's configuration (it spills 8 B
+    in TF32 at 4097 rows on sm_90 with Triton 3.8, 4–8 B at five shapes with Triton 3.6).
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
@@ -289,8 +299,15 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
             # with a logits tile of 256 or more: 32 spills 8 B at 256 outputs on sm_90 with Triton 3.6
         else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
             block_k = 64 if half or precision == "tf32" else 32
+        num_warps = 16 if wide else 8
+        if loss == "mse" and wide:  # the squared error's target tile (docstring): K steps of 32 at most
+            block_k = min(block_k, 32)
+        elif loss == "mse" and block_h <= 32:  # 4 warps for narrow hidden slices
+            num_warps = 4
+        if loss == "mse" and len(widths) > 3 and dtype == torch.float32 and precision != "tf32":
+            block_k = min(block_k, 16)  # fp32 IEEE past two layers: K steps of 16
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,
-                    num_warps=16 if wide else 8, num_stages=2)
+                    num_warps=num_warps, num_stages=2)
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
@@ -413,7 +430,8 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
                          f"{widths[-1]}; use PYFUSED_BACKEND=auto or torch")
     backward = dpres is not None
     precision = dot_precision(x.dtype, x.device)
-    cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision)
+    cfg = config or rows_config(n_rows, widths, x.dtype, forward=forward, backward=backward, precision=precision,
+                                loss=loss)
     any_buffer = x
     n_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
     if row_partials is not None and (not backward or tuple(row_partials.shape) != (

@@ -8,7 +8,7 @@ extremes of the size sweep: each must compile, fit the architecture's shared mem
 a block per SM; the kernels of a seed step, two- and three-layer, must not spill. The slow set compiles every
 variant in every mode, the course's programs at their own shapes, and the whole size sweep. The splits (the
 weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
-the launchers take them. Compiles run in a process without ``TRITON_INTERPRET``, in parallel, cached under the
+the launchers take them, and the MSE rows where the class head's configuration spilled. Compiles run in a process without ``TRITON_INTERPRET``, in parallel, cached under the
 temp dir (``PYFUSED_COMPILE_CACHE``). Under the GPU machine's Triton (older than 3.8) the default set is compiled for
 sm_90 only (that machine's H200).
 """
@@ -60,22 +60,29 @@ COURSE_LARGE = [  # the course's unaligned widths at a large batch, where the wi
         ("step_rows_mse", "sm_90", (1000, 100, 10, ())), ("step_grads", "sm_80", (1000, 100, 10, ())),
         ("step_grads_adam", "sm_90", (1000, 100, 10, ())), ("step_grads", "sm_80", (20, 13, 3, (8,))))
 ]
+MSE = [  # the train step's MSE rows where the class head's warps and K steps spilled 8–28 B (rows_config(loss=))
+    gc.Case("step_rows_mse", arch, mode, True, 128, 784, hidden, out, extra_hidden=extra)
+    for arch in gc.ARCHS
+    for mode, hidden, out, extra in (("fp32", 16, 10, ()), ("tf32", 16, 10, ()), ("bf16", 16, 10, ()),
+                                     ("bf16", 128, 128, ()), ("bf16", 128, 1024, ()), ("fp32", 128, 10, (128,)))
+]
 # The GPU machine's stack (Triton older than 3.8, CI's second stack) compiles the default set for that machine's GPU
 # only (an H200, sm_90): the development stack compiles it for both architectures, and the older stack's cold
 # compiles for sm_80 cost CI minutes it does not have (CI ran 1261 s with both, over its 20 minutes).
 DEFAULT_ARCHS = ("sm_90",) if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8) else tuple(gc.ARCHS)
-SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE = (
+SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE = (
     [c for c in cases if c.arch in DEFAULT_ARCHS]
-    for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE))
+    for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE))
+DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
          + gc.course_cases() + gc.course_cases(n_rows=gc.COURSE_LARGE_ROWS)
-         if c not in set(SEED + OTHERS + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE)]
+         if c not in set(DEFAULT)]
 SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
 
 
 @pytest.fixture(scope="module")
 def default_results():
-    return gc.compile_cases(SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE)
+    return gc.compile_cases(DEFAULT)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +104,12 @@ def _check_fits(case, result):
     assert result["blocks_per_sm"] >= 1, f"{case} ({result['config']}): no block fits an SM ({result})"
 
 
-@pytest.mark.parametrize("case", SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE, ids=str)
+@pytest.mark.parametrize("case", DEFAULT, ids=str)
 def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]

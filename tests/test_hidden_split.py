@@ -243,6 +243,37 @@ def test_large_batch_row_tiles_only_for_aligned_widths():
     assert not R.row_partials_pay(16384, (1000, 100, 10), torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [1, 128, 4097, 16384])
+@pytest.mark.parametrize("widths", [(784, 16, 10), (784, 128, 10), (784, 128, 128), (784, 128, 1024),
+                                    (1000, 100, 10), (20, 13, 8, 3), (784, 1024, 10), (784, 128, 128, 10)],
+                         ids=str)
+@pytest.mark.parametrize("dtype, precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                              (torch.bfloat16, "ieee"), (torch.float64, "ieee")], ids=str)
+def test_the_mse_head_changes_warps_and_k_steps_only(rows, widths, dtype, precision):
+    """With ``loss="mse"`` the row kernel keeps the tiles (row blocks, hidden slices, so the hidden split and the
+    row partials) and changes warps and K steps only where the squared error's target tile spilled
+    (tests/test_gpu_compile.py compiles those cases)."""
+    if widths[-1] > R.max_out(dtype):
+        pytest.skip("wider than the row kernel takes in this dtype")
+    for forward, backward in ((True, True), (True, False)):
+        cfg = lambda loss: R.rows_config(rows, widths, dtype, forward=forward, backward=backward,  # noqa: E731
+                                         precision=precision, loss=loss)
+        ours, theirs = cfg("mse"), cfg("class")
+        assert cfg("none") == theirs
+        assert {k: v for k, v in ours.items() if k not in ("num_warps", "BLOCK_K")} == \
+            {k: v for k, v in theirs.items() if k not in ("num_warps", "BLOCK_K")}
+        if ours["BLOCK_M"] > 16:  # the large-batch tensor-core tiles: compiled clean with MSE as they are
+            assert ours == theirs
+        elif backward and theirs["BLOCK_OUT"] > 256:  # a wide logits tile: 16 warps, K steps of at most 32
+            assert (ours["num_warps"], ours["BLOCK_K"]) == (16, min(theirs["BLOCK_K"], 32))
+        elif backward:  # hidden slices of at most 32: 4 warps; fp32 IEEE past two layers: K steps of 16
+            assert ours["num_warps"] == (4 if theirs["BLOCK_H"] <= 32 else theirs["num_warps"])
+            deep_ieee = len(widths) > 3 and dtype == torch.float32 and precision == "ieee"
+            assert ours["BLOCK_K"] == (min(theirs["BLOCK_K"], 16) if deep_ieee else theirs["BLOCK_K"])
+        else:  # a module forward: the class head's configuration
+            assert ours == theirs
+
+
 def test_how_many_groups():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert R.hidden_split(8, 8, cuda, sm_count=132) == 8  # B = 128, hidden 1024: a group per slice
