@@ -272,8 +272,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     logits tile (16 warps at 1024 outputs in 16-bit dtypes spilled 4–28 B), and K steps of 16 in fp32 IEEE past
     two layers (32 spilled 8–12 B at 784 → 128 → 128 → 10 on sm_90): no spills over the sweep of
     ``step_rows_mse`` (``bench.gpu_compile.sweep_cases``), its seed and course shapes and hidden 1024 with Triton
-    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's configuration (it spills 8 B
-    in TF32 at 4097 rows on sm_90 with Triton 3.8, 4–8 B at five shapes with Triton 3.6).
+    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's configuration: it spills 8 B
+    in TF32 at 4097 rows on sm_90 with Triton 3.8 and 4–8 B at five shapes of the sweep with Triton 3.6, and
+    neither K steps of 16 in TF32 nor 8 warps compiled clean everywhere (each spilled elsewhere).
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
