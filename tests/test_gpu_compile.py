@@ -9,8 +9,8 @@ a block per SM; the kernels of a seed step, two- and three-layer, must not spill
 variant in every mode, the course's programs at their own shapes, and the whole size sweep. The splits (the
 weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
 the launchers take them, and the train step's MSE rows where the class head's configuration spilled. Compiles run
-in a process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``). Under the GPU machine's Triton (older than 3.8) the default set is compiled for
-sm_90 only (that machine's H200).
+in a process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
+Under the GPU machine's Triton (older than 3.8) the default set is compiled for sm_90 only (that machine's H200).
 """
 import pytest
 import torch
