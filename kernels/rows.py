@@ -293,20 +293,18 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
             # hidden slices of 64)
             tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
             return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
+        mse = loss == "mse"  # the squared error's target tile beside the logits (docstring)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
-        elif not half and (not aligned or precision != "tf32" and block_out >= 256):
+        elif not half and (not aligned or precision != "tf32" and (block_out >= 256 or mse and len(widths) > 3)):
             block_k = 16  # unaligned fp32 tiles (the course's 100): 32 and 64 spill 4-12 B on sm_90; fp32 IEEE
-            # with a logits tile of 256 or more: 32 spills 8 B at 256 outputs on sm_90 with Triton 3.6
-        else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas
-            block_k = 64 if half or precision == "tf32" else 32
-        num_warps = 16 if wide else 8
-        if loss == "mse" and wide:  # the squared error's target tile (docstring): K steps of 32 at most
-            block_k = min(block_k, 32)
-        elif loss == "mse" and block_h <= 32:  # 4 warps for narrow hidden slices
-            num_warps = 4
-        if loss == "mse" and len(widths) > 3 and dtype == torch.float32 and precision != "tf32":
-            block_k = min(block_k, 16)  # fp32 IEEE past two layers: K steps of 16
+            # with a logits tile of 256 or more: 32 spills 8 B at 256 outputs on sm_90 with Triton 3.6; fp32 IEEE
+            # with MSE past two layers: 32 spills 8-12 B at 784 -> 128 -> 128 -> 10 on sm_90
+        else:  # fp32 IEEE at 64 spills 8 B on sm_80; TF32 at 32 spills 12 B there with Triton 3.6's ptxas; MSE with
+            # a wide logits tile: 64 spills 4-28 B at 1024 outputs in 16-bit dtypes
+            block_k = 64 if (half or precision == "tf32") and not (mse and wide) else 32
+        # MSE with hidden slices of at most 32: 8 warps spill 8-28 B (hidden 16, 128 outputs in 16-bit on sm_80)
+        num_warps = 16 if wide else 4 if mse and block_h <= 32 else 8
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,
                     num_warps=num_warps, num_stages=2)
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
