@@ -282,8 +282,9 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     sm_80 and sm_90, with Triton 3.6's and 3.8's ptxas, whose register allocation differs).
 
     - ``"store"`` (a module's backward): 32 × 32 tiles, K steps of 32 (16 in float64), 4 warps, 2 stages — 3 in
-      16-bit dtypes (at 2, dx in fp16 spills 4 B on sm_90 once the reduction is split; at 3, TF32 8 B at
-      16384 × 20 → 13 → 8 → 3); dx tiles 32 × 32.
+      16-bit dtypes and float64 (at 2, dx in fp16 spills 4 B on sm_90 once the reduction is split, float64
+      4 B at 1000 → 100 on sm_90 with Triton 3.6; at 3, TF32 8 B at 16384 × 20 → 13 → 8 → 3); dx tiles
+      32 × 32.
     - the train step: per layer, tiles as tall as its output (up to 128 rows for hidden layers — 64 in float64 —
       and 64 for the last, so its input is read once) by 16 columns (twice the programs of 32 columns, for an
       SM-starved launch); past WIDE_FROM rows in TF32 and 16-bit dtypes (where the split reduction fills the GPU
@@ -301,16 +302,21 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
       at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
       none, but it gives up the K loop's pipelining. So: float64 (a correctness dtype, FMA-bound) takes 1 stage,
-      Adam K steps of 16 (its two moments: none of its 40 spills), SGD in 16-bit dtypes 3 stages (none of them
-      spills) — no spills left with Triton 3.8 (3.6's ptxas spills 4–104 B in four of them, three in float64,
-      whatever the variant: ``bench/results/compile/triton-3.6``). ``"accumulate"`` with K steps of 16 and
-      8 warps (the other pairings spill a few bytes in the epilogue). The statistics are summed ``BLOCK_R`` row
-      blocks at a time: 16 (one step at the seed shape) up to 256 for large batches.
+      Adam K steps of 16 (its two moments: none of its 40 spills), SGD in 16-bit dtypes and TF32 3 stages
+      (none of them spills; TF32 at 2 spilled 4 B at 1000 → 100 on sm_80 with Triton 3.6) — no spills left
+      with Triton 3.8. Triton 3.6's ptxas spills 48–96 B in float64 SGD on sm_90 at 20 → 13 → 8 → 3 and
+      784 → 16 → 10; six variants clean there (4 or 8 warps, 1–3 stages, K steps of 16 or 32), compiled over
+      every float64 update launch of the report, each spilled 4–12 B elsewhere in 3.6 or 3.8.
+      ``"accumulate"`` with K steps of 16 (32 in float64 up to 16 rows: one step either way, and 16 spilled 16 B
+      at 1 row on sm_80 with Triton 3.6) and 8 warps (the other pairings spill a few bytes in the epilogue). The
+      statistics are summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up to 256 for large
+      batches.
     """
     last = len(widths) - 2
     if epilogue == "store":
         return dict(BLOCK_MS=(32,) * (last + 1), BLOCK_N=32, BLOCK_K=16 if dtype == torch.float64 else 32,
-                    BLOCK_DX=32, BLOCK_R=16, EPILOGUE_N=32, num_warps=4, num_stages=3 if dtype.itemsize == 2 else 2)
+                    BLOCK_DX=32, BLOCK_R=16, EPILOGUE_N=32, num_warps=4,
+                    num_stages=3 if dtype.itemsize in (2, 8) else 2)
     cap = 64 if dtype == torch.float64 else 128
     block_r = min(256, max(16, triton.next_power_of_2(triton.cdiv(max(n_rows, 1), 16))))
     update = epilogue == "update"
@@ -326,12 +332,14 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     else:
         epilogue_n = 64 if sgd else 32
     block_k, stages = dot_block(n_rows, 32) if update else 16, 2
+    if epilogue == "accumulate" and dtype == torch.float64 and n_rows <= 16:  # one K step either way: 16 spilled
+        block_k = 32  # 16 B at a 1-row step on sm_80 with Triton 3.6
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:
             stages = 1
         elif optimizer != "sgd":
             block_k = dot_block(n_rows, 16)
-        elif dtype.itemsize == 2:
+        elif dtype.itemsize == 2 or precision == "tf32":
             stages = 3
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DX=32, BLOCK_R=block_r, EPILOGUE_N=epilogue_n,

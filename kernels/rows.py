@@ -243,7 +243,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
 
     - forward only (a module's forward): 16 rows (32 for 16-bit dtypes past 4096 rows, half the weight re-reads;
       fp32 at 32 rows spills), K steps of 32 (16 for fp32 IEEE and fp64), hidden slices of up to 64 with a w_L
-      tile of at most 4096 elements, 4 warps (8 past 256 outputs), 3 stages (2 for fp64); from LARGE_BATCH rows,
+      tile of at most 4096 elements, 4 warps (8 past 256 outputs), 3 stages; from LARGE_BATCH rows,
       as the train step, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64) up to 256 outputs, 8 warps, 2
       stages (no spills on sm_80 and sm_90 in any of the forward variants at 16384–65536 rows; 4 warps spill at
       256 outputs, 3 stages at 4096 → 1024 → 128 in 16-bit dtypes);
@@ -251,7 +251,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
-      warps (16 past 256 outputs: 4 warps spill in fp32 IEEE);
+      warps (16 past 256 outputs: 4 warps spill in fp32 IEEE), 2 stages (1 for float64 with at most 32 inputs,
+      where the first layer is one K step);
       from LARGE_BATCH rows and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
       instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
@@ -265,16 +266,18 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       65536 rows, hidden 1024: 413.7 → 245.1 µs predicted, the step 2.15 → 1.76× its roofline);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
 
-    ``loss="mse"`` (the squared error's target tile beside the logits) changes warps and K steps only, never the
+    ``loss="mse"`` (the squared error's target tile beside the logits) changes warps, K steps, stages only, never the
     tiles (``BLOCK_M``, ``BLOCK_H``: the row blocks, the hidden split and the row partials do not depend on the
     loss): the train step's 16-row tiles take 4 warps for hidden slices of at most 32 (8 spilled 8–28 B
     at hidden 16 in fp32/TF32/bf16 and at 128 outputs in 16-bit dtypes on sm_80) and K steps of 32 for a wide
     logits tile (16 warps at 1024 outputs in 16-bit dtypes spilled 4–28 B), and K steps of 16 in fp32 IEEE past
     two layers (32 spilled 8–12 B at 784 → 128 → 128 → 10 on sm_90): no spills over the sweep of
     ``step_rows_mse`` (``bench.gpu_compile.sweep_cases``), its seed and course shapes and hidden 1024 with Triton
-    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's configuration: it spills 8 B
-    in TF32 at 4097 rows on sm_90 with Triton 3.8 and 4–8 B at five shapes of the sweep with Triton 3.6, and
-    neither K steps of 16 in TF32 nor 8 warps compiled clean everywhere (each spilled elsewhere).
+    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's tiles and warps, with K
+    steps of 16 in the large-batch tiles and 2 stages in float64 (see the code). It still spills 8 B in TF32 at
+    4097 rows on sm_90 with Triton 3.8, and 4–8 B in fp32 IEEE on sm_90 at 1, 100 and 4097 rows with 3.6. K
+    steps of 16 in TF32, 8 warps and 2 stages were each tried, and each spilled somewhere else, in one Triton
+    or the other.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
@@ -305,21 +308,26 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
             block_k = 64 if (half or precision == "tf32") and not (mse and wide) else 32
         # MSE with hidden slices of at most 32: 8 warps spill 8-28 B (hidden 16, 128 outputs in 16-bit on sm_80)
         num_warps = 16 if wide else 4 if mse and block_h <= 32 else 8
+        # float64 with inputs of at most 32 (the first layer in one K step): 1 stage (2 spilled 12-16 B at
+        # 20 -> 13 -> 8 -> 3 with sigmoid on sm_90 with Triton 3.6)
+        stages = 1 if dtype == torch.float64 and widths[0] <= 32 else 2
         return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], block_k), BLOCK_H=block_h, BLOCK_OUT=block_out,
-                    num_warps=num_warps, num_stages=2)
+                    num_warps=num_warps, num_stages=stages)
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
-    if large:
-        return large_tiles(block_h)
+    if large:  # with the MSE head K steps of 16 (32 spilled 4 B in TF32 at 65536 rows on sm_80 with Triton 3.6)
+        return dict(large_tiles(block_h), **({"BLOCK_K": dot_block(widths[0], 16)} if loss == "mse" else {}))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and half else 16
-        fp64 = dtype == torch.float64  # twice the registers per element: K steps of 16, 2 stages
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
         # fp32 forward variants of the report with Triton 3.8, 9 with 3.6; at 16, 0 and 6 (2 stages: 13 and 12)
         ieee = dtype.itemsize >= 4 and precision != "tf32"
+        # float64 with the MSE head 2 stages (3 spill 8-16 B at 1000 -> 100 and 1 row with Triton 3.8); with the
+        # other heads 3 (2 spilled 8 B in forward_eval without bias on sm_90 with Triton 3.6)
+        stages = 2 if dtype == torch.float64 and loss == "mse" else 3
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if ieee else 32), BLOCK_H=block_h,
-                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=2 if fp64 else 3)
+                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=stages)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
                 num_warps=8, num_stages=2)  # 4 warps: 16 B spills in TF32 with sigmoid on sm_90 with Triton 3.6
 

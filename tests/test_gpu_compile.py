@@ -6,9 +6,10 @@ activations, the same kernels of a three-layer net (784 → 128 → 128 → 10),
 inference, MSE heads, Adam, the optimizer's other modes) at the seed shape in fp32 and bf16 on sm_90, and the
 extremes of the size sweep: each must compile, fit the architecture's shared memory per block and leave room for
 a block per SM; the kernels of a seed step, two- and three-layer, must not spill. The slow set compiles every
-variant in every mode, the course's programs at their own shapes, and the whole size sweep. The splits (the
-weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
-the launchers take them, and the train step's MSE rows where the class head's configuration spilled. Compiles run
+variant in every mode, the course's programs at their own shapes, and the compile report's size sweep. The splits
+(the weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
+the launchers take them, the train step's MSE rows where the class head's configuration spilled, and the launches
+that spilled with Triton 3.6 (the GPU machine's) before their configurations changed. Compiles run
 in a process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
 Under the GPU machine's Triton (older than 3.8) the default set is compiled for sm_90 only (that machine's H200).
 """
@@ -17,6 +18,7 @@ import torch
 import triton
 
 from bench import gpu_compile as gc
+from bench.compile_report import SWEEP_KERNELS
 
 SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
 OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
@@ -66,6 +68,17 @@ MSE = [  # the train step's MSE rows where the class head's warps and K steps sp
     for mode, hidden, out, extra in (("fp32", 16, 10, ()), ("tf32", 16, 10, ()), ("bf16", 16, 10, ()),
                                      ("bf16", 128, 128, ()), ("bf16", 128, 1024, ()), ("fp32", 128, 10, (128,)))
 ]
+TRITON36 = [  # launches that spilled 4-16 B with Triton 3.6's ptxas (the GPU machine's) at the configs before
+    # bench/results/compile/triton-3.6 was regenerated: both architectures on either stack (a few small compiles)
+    gc.Case("forward_eval", "sm_90", "fp64", False, activation="relu"),
+    gc.Case("forward_eval", "sm_90", "fp64", False, activation="sigmoid"),
+    gc.Case("grads", "sm_90", "fp64", True, 64, 1000, 100, 10),
+    gc.Case("step_rows", "sm_90", "fp64", True, 64, 20, 13, 3, activation="sigmoid", extra_hidden=(8,)),
+    gc.Case("step_rows", "sm_90", "fp64", False, 64, 20, 13, 3, activation="sigmoid", extra_hidden=(8,)),
+    gc.Case("step_grads", "sm_80", "tf32", False, 64, 1000, 100, 10),
+    gc.Case("step_accumulate", "sm_80", "fp64", True, 1, 16, 16, 2),
+    gc.Case("forward_mse", "sm_80", "tf32", True, 65536, 784, 128, 10),
+]
 # The GPU machine's stack (Triton older than 3.8, CI's second stack) compiles the default set for that machine's GPU
 # only (an H200, sm_90): the development stack compiles it for both architectures, and the older stack's cold
 # compiles for sm_80 cost CI minutes it does not have (CI ran 1261 s with both, over its 20 minutes).
@@ -73,11 +86,11 @@ DEFAULT_ARCHS = ("sm_90",) if tuple(int(p) for p in triton.__version__.split("."
 SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE = (
     [c for c in cases if c.arch in DEFAULT_ARCHS]
     for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE))
-DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE
+DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + TRITON36
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
          + gc.course_cases() + gc.course_cases(n_rows=gc.COURSE_LARGE_ROWS)
          if c not in set(DEFAULT)]
-SWEEP = [c for c in gc.sweep_cases() if c not in SAMPLE]
+SWEEP = [c for c in gc.sweep_cases(SWEEP_KERNELS) if c not in SAMPLE]  # the compile report's sweep
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +122,7 @@ def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + TRITON36, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]

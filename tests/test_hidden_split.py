@@ -249,9 +249,9 @@ def test_large_batch_row_tiles_only_for_aligned_widths():
                          ids=str)
 @pytest.mark.parametrize("dtype, precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
                                               (torch.bfloat16, "ieee"), (torch.float64, "ieee")], ids=str)
-def test_the_mse_head_changes_warps_and_k_steps_only(rows, widths, dtype, precision):
+def test_the_mse_head_changes_warps_k_steps_and_stages_only(rows, widths, dtype, precision):
     """With ``loss="mse"`` the row kernel keeps the tiles (row blocks, hidden slices, so the hidden split and the
-    row partials) and changes warps and K steps only where the squared error's target tile spilled
+    row partials) and changes warps, K steps and stages only where the squared error's target tile spilled
     (tests/test_gpu_compile.py compiles those cases)."""
     if widths[-1] > R.max_out(dtype):
         pytest.skip("wider than the row kernel takes in this dtype")
@@ -260,18 +260,25 @@ def test_the_mse_head_changes_warps_and_k_steps_only(rows, widths, dtype, precis
                                          precision=precision, loss=loss)
         ours, theirs = cfg("mse"), cfg("class")
         assert cfg("none") == theirs
-        assert {k: v for k, v in ours.items() if k not in ("num_warps", "BLOCK_K")} == \
-            {k: v for k, v in theirs.items() if k not in ("num_warps", "BLOCK_K")}
-        if ours["BLOCK_M"] > 16:  # the large-batch tensor-core tiles: compiled clean with MSE as they are
+        tunable = ("num_warps", "BLOCK_K", "num_stages")
+        assert {k: v for k, v in ours.items() if k not in tunable} == \
+            {k: v for k, v in theirs.items() if k not in tunable}
+        if not backward:  # a module forward: the class head's warps; the large-batch tiles K steps of 16, float64
+            # 2 stages (3 with the other heads)
+            assert ours["num_warps"] == theirs["num_warps"]
+            assert ours["BLOCK_K"] == (min(theirs["BLOCK_K"], 16) if ours["BLOCK_M"] > 32 else theirs["BLOCK_K"])
+            assert (ours["num_stages"], theirs["num_stages"]) == ((2, 3) if dtype == torch.float64 else
+                                                                  (theirs["num_stages"],) * 2)
+            continue
+        assert ours["num_stages"] == theirs["num_stages"]
+        if ours["BLOCK_M"] > 16:  # the train step's large-batch tensor-core tiles: clean with MSE as they are
             assert ours == theirs
-        elif backward and theirs["BLOCK_OUT"] > 256:  # a wide logits tile: 16 warps, K steps of at most 32
+        elif theirs["BLOCK_OUT"] > 256:  # a wide logits tile: 16 warps, K steps of at most 32
             assert (ours["num_warps"], ours["BLOCK_K"]) == (16, min(theirs["BLOCK_K"], 32))
-        elif backward:  # hidden slices of at most 32: 4 warps; fp32 IEEE past two layers: K steps of 16
+        else:  # hidden slices of at most 32: 4 warps; fp32 IEEE past two layers: K steps of 16
             assert ours["num_warps"] == (4 if theirs["BLOCK_H"] <= 32 else theirs["num_warps"])
             deep_ieee = len(widths) > 3 and dtype == torch.float32 and precision == "ieee"
             assert ours["BLOCK_K"] == (min(theirs["BLOCK_K"], 16) if deep_ieee else theirs["BLOCK_K"])
-        else:  # a module forward: the class head's configuration
-            assert ours == theirs
 
 
 def test_how_many_groups():
