@@ -298,15 +298,14 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
       28–1844 B at 64 or 128 columns, 20 → 13 → 8 8–16 B: they keep 16); fp32 IEEE keeps 16: it is FMA-bound
       there, and its update epilogue at 32 columns spills on sm_80. ``"update"`` with K steps of 32 and 4 warps
       at 16 columns; up to 16 rows K steps of 16 (at 32 a 1-row step spilled 8 B on sm_90). Over the report's
-      252 update launches of 16 columns, 4
-      warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at 64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64
-      at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with K steps of 16 at 9, 1 stage everywhere at
-      none, but it gives up the K loop's pipelining. So: float64 (a correctness dtype, FMA-bound) takes 1 stage,
-      Adam K steps of 16 (its two moments: none of its 40 spills), SGD in 16-bit dtypes and TF32 3 stages
-      (none of them spills; TF32 at 2 spilled 4 B at 1000 → 100 on sm_80 with Triton 3.6) — no spills left
-      with Triton 3.8. Triton 3.6's ptxas spills 48–96 B in float64 SGD on sm_90 at 20 → 13 → 8 → 3 and
-      784 → 16 → 10; six variants clean there (4 or 8 warps, 1–3 stages, K steps of 16 or 32), compiled over
-      every float64 update launch of the report, each spilled 4–12 B elsewhere in 3.6 or 3.8.
+      252 update launches of 16 columns, 4 warps and 2 stages leave 3 spilling 4–8 B (Adam in fp32 at
+      64 × 1000 → 100, fp16 at 128 × 16 → 128, fp64 at 128 × 784 → 16); 8 warps spill at 10 others, 8 warps with
+      K steps of 16 at 9, 1 stage everywhere at none, but it gives up the K loop's pipelining. So: float64 (a
+      correctness dtype, FMA-bound) takes 1 stage, Adam K steps of 16 (its two moments: none of its 40 spills;
+      32 in TF32), SGD in 16-bit dtypes and TF32 3 stages (none of them spills; TF32 at 2 spilled 4 B at
+      1000 → 100 on sm_80 with Triton 3.6), and float64 SGD past 16 rows 2 warps (with 4, Triton 3.6's ptxas
+      spilled 48–96 B on sm_90 at 20 → 13 → 8 → 3 and 784 → 16 → 10; six variants with 4 or 8 warps that were
+      clean there each spilled 4–12 B elsewhere in 3.6 or 3.8).
       ``"accumulate"`` with K steps of 16 (32 in float64 up to 16 rows: one step either way, and 16 spilled 16 B
       at 1 row on sm_80 with Triton 3.6) and 8 warps (the other pairings spill a few bytes in the epilogue). The
       statistics are summed ``BLOCK_R`` row blocks at a time: 16 (one step at the seed shape) up to 256 for large
@@ -334,16 +333,19 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     block_k, stages = dot_block(n_rows, 32) if update else 16, 2
     if epilogue == "accumulate" and dtype == torch.float64 and n_rows <= 16:  # one K step either way: 16 spilled
         block_k = 32  # 16 B at a 1-row step on sm_80 with Triton 3.6
+    num_warps = 4 if update and block_n < 64 else 16 if block_n == 128 else 8
     if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
         if dtype == torch.float64:
             stages = 1
-        elif optimizer != "sgd":
-            block_k = dot_block(n_rows, 16)
+            if optimizer == "sgd" and n_rows > 16:  # 2 warps (4 spilled 48-96 B on sm_90 with Triton 3.6; at up
+                num_warps = 2  # to 16 rows 2 spilled 8 B with 3.8)
+        elif optimizer != "sgd":  # Adam: K steps of 16, but 32 in TF32 (16 spilled 4 B at 784 -> 16 -> 10 on sm_90
+            block_k = dot_block(n_rows, 32 if precision == "tf32" else 16)  # with Triton 3.8)
         elif dtype.itemsize == 2 or precision == "tf32":
             stages = 3
     return dict(BLOCK_MS=tuple(dot_block(n, min(cap, 64) if i == last else cap) for i, n in enumerate(widths[1:])),
                 BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_DX=32, BLOCK_R=block_r, EPILOGUE_N=epilogue_n,
-                num_warps=4 if update and block_n < 64 else 16 if block_n == 128 else 8, num_stages=stages)
+                num_warps=num_warps, num_stages=stages)
 
 
 MIN_SLICE_ROWS = 256  # a slice of the rows reduces at least this many (the partials' traffic stays small)

@@ -273,11 +273,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     logits tile (16 warps at 1024 outputs in 16-bit dtypes spilled 4–28 B), and K steps of 16 in fp32 IEEE past
     two layers (32 spilled 8–12 B at 784 → 128 → 128 → 10 on sm_90): no spills over the sweep of
     ``step_rows_mse`` (``bench.gpu_compile.sweep_cases``), its seed and course shapes and hidden 1024 with Triton
-    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's tiles and warps, with K
-    steps of 16 in the large-batch tiles and 2 stages in float64 (see the code). It still spills 8 B in TF32 at
-    4097 rows on sm_90 with Triton 3.8, and 4–8 B in fp32 IEEE on sm_90 at 1, 100 and 4097 rows with 3.6. K
-    steps of 16 in TF32, 8 warps and 2 stages were each tried, and each spilled somewhere else, in one Triton
-    or the other.
+    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's tiles, with 2 stages (8 warps
+    instead in fp32 IEEE) and K steps of 16 in the large-batch tiles (see the code): no spills over the sweep of
+    ``forward_mse``, its seed and course shapes with either ptxas.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
@@ -323,11 +321,15 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
         # fp32 forward variants of the report with Triton 3.8, 9 with 3.6; at 16, 0 and 6 (2 stages: 13 and 12)
         ieee = dtype.itemsize >= 4 and precision != "tf32"
-        # float64 with the MSE head 2 stages (3 spill 8-16 B at 1000 -> 100 and 1 row with Triton 3.8); with the
-        # other heads 3 (2 spilled 8 B in forward_eval without bias on sm_90 with Triton 3.6)
-        stages = 2 if dtype == torch.float64 and loss == "mse" else 3
+        # 3 stages (float64 at 2 spilled 8 B in forward_eval without bias on sm_90 with Triton 3.6); with the MSE
+        # head 2 (3 spilled 8 B in TF32 at 4097 rows on sm_90 with Triton 3.8, 4 B at 1 row on sm_80 with 3.6, and
+        # 8-16 B in float64 at 1000 -> 100 with 3.8) but in fp32 IEEE, which takes 8 warps there instead (at 4 it
+        # spilled 4-8 B at 1, 100 and 4097 rows on sm_90 with 3.6; 2 stages 8 B at eight shapes with 3.8)
+        fp32_ieee = ieee and dtype == torch.float32
+        stages = 2 if loss == "mse" and not fp32_ieee else 3
+        warps = 8 if wide or loss == "mse" and fp32_ieee else 4
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if ieee else 32), BLOCK_H=block_h,
-                    BLOCK_OUT=block_out, num_warps=8 if wide else 4, num_stages=stages)
+                    BLOCK_OUT=block_out, num_warps=warps, num_stages=stages)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
                 num_warps=8, num_stages=2)  # 4 warps: 16 B spills in TF32 with sigmoid on sm_90 with Triton 3.6
 

@@ -9,7 +9,7 @@ a block per SM; the kernels of a seed step, two- and three-layer, must not spill
 variant in every mode, the course's programs at their own shapes, and the compile report's size sweep. The splits
 (the weight gradients' over the rows at large B, the row kernel's over the hidden layer at small B) are compiled where
 the launchers take them, the train step's MSE rows where the class head's configuration spilled, and the launches
-that spilled with Triton 3.6 (the GPU machine's) before their configurations changed. Compiles run
+that spilled with either Triton (3.6: the GPU machine's) before their configurations changed. Compiles run
 in a process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
 Under the GPU machine's Triton (older than 3.8) the default set is compiled for sm_90 only (that machine's H200).
 """
@@ -68,15 +68,21 @@ MSE = [  # the train step's MSE rows where the class head's warps and K steps sp
     for mode, hidden, out, extra in (("fp32", 16, 10, ()), ("tf32", 16, 10, ()), ("bf16", 16, 10, ()),
                                      ("bf16", 128, 128, ()), ("bf16", 128, 1024, ()), ("fp32", 128, 10, (128,)))
 ]
-TRITON36 = [  # launches that spilled 4-16 B with Triton 3.6's ptxas (the GPU machine's) at the configs before
-    # bench/results/compile/triton-3.6 was regenerated: both architectures on either stack (a few small compiles)
+RESPILLS = [  # launches that spilled 4-96 B at the configs before this list, with Triton 3.6's ptxas (the GPU
+    # machine's) or 3.8's (the sweep's MSE and Adam kernels): both architectures on either stack (a few compiles)
     gc.Case("forward_eval", "sm_90", "fp64", False, activation="relu"),
     gc.Case("forward_eval", "sm_90", "fp64", False, activation="sigmoid"),
     gc.Case("grads", "sm_90", "fp64", True, 64, 1000, 100, 10),
     gc.Case("step_rows", "sm_90", "fp64", True, 64, 20, 13, 3, activation="sigmoid", extra_hidden=(8,)),
     gc.Case("step_rows", "sm_90", "fp64", False, 64, 20, 13, 3, activation="sigmoid", extra_hidden=(8,)),
+    gc.Case("step_grads", "sm_90", "fp64", True, 64, 20, 13, 3, extra_hidden=(8,)),
+    gc.Case("step_grads", "sm_90", "fp64", True, 128, 784, 16, 10),
     gc.Case("step_grads", "sm_80", "tf32", False, 64, 1000, 100, 10),
+    gc.Case("step_grads_adam", "sm_90", "tf32", True, 128, 784, 16, 10),
     gc.Case("step_accumulate", "sm_80", "fp64", True, 1, 16, 16, 2),
+    gc.Case("forward_mse", "sm_90", "fp32", True, 4097, 784, 128, 10),
+    gc.Case("forward_mse", "sm_90", "tf32", True, 4097, 784, 128, 10),
+    gc.Case("forward_mse", "sm_80", "tf32", True, 1, 16, 16, 2),
     gc.Case("forward_mse", "sm_80", "tf32", True, 65536, 784, 128, 10),
 ]
 # The GPU machine's stack (Triton older than 3.8, CI's second stack) compiles the default set for that machine's GPU
@@ -86,7 +92,7 @@ DEFAULT_ARCHS = ("sm_90",) if tuple(int(p) for p in triton.__version__.split("."
 SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE = (
     [c for c in cases if c.arch in DEFAULT_ARCHS]
     for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE))
-DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + TRITON36
+DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + RESPILLS
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
          + gc.course_cases() + gc.course_cases(n_rows=gc.COURSE_LARGE_ROWS)
          if c not in set(DEFAULT)]
@@ -122,7 +128,7 @@ def test_compiles_and_fits(case, default_results):
     _check_fits(case, default_results[case])
 
 
-@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + TRITON36, ids=str)
+@pytest.mark.parametrize("case", SEED + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + RESPILLS, ids=str)
 def test_seed_step_kernels_do_not_spill(case, default_results):
     result = default_results[case]
     assert result["error"] is None, result["error"]

@@ -109,14 +109,18 @@ def test_train_step_with_the_epilogue_in_column_parts_matches_the_eager_loop(ker
 
 def test_the_narrow_update_tiles_per_dtype_and_optimizer():
     """The 16-column update tiles (small B, fp32 IEEE, float64) by the compile report's rules: K steps of 32, 2
-    stages; float64 1 stage; Adam K steps of 16; SGD in 16-bit dtypes and TF32 3 stages."""
+    stages; float64 1 stage (SGD past 16 rows 2 warps); Adam K steps of 16 (32 in TF32); SGD in 16-bit dtypes and
+    TF32 3 stages."""
     cfg = lambda dtype, opt="sgd": G.grads_config(128, (784, 128, 10), dtype, "update", optimizer=opt)  # noqa: E731
     key = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])  # noqa: E731
     assert key(cfg(torch.float32)) == (16, 32, 4, 2)
-    assert key(cfg(torch.float64)) == (16, 32, 4, 1)
+    assert key(cfg(torch.float64)) == (16, 32, 2, 1)
+    assert key(G.grads_config(16, (784, 128, 10), torch.float64, "update")) == (16, 16, 4, 1)
+    assert key(cfg(torch.float64, "adam")) == (16, 32, 4, 1)
     assert key(cfg(torch.float32, "adam")) == key(cfg(torch.float16, "adam")) == (16, 16, 4, 2)
     assert key(cfg(torch.float16)) == key(cfg(torch.bfloat16)) == (16, 32, 4, 3)
     assert key(G.grads_config(128, (784, 128, 10), torch.float32, "update", "tf32")) == (16, 32, 4, 3)
+    assert key(G.grads_config(128, (784, 128, 10), torch.float32, "update", "tf32", "adam")) == (16, 32, 4, 2)
     assert key(G.grads_config(16384, (784, 128, 10), torch.float32, "update")) == (16, 32, 4, 2)  # fp32 IEEE
 
 
