@@ -2,7 +2,8 @@
 
 Compiles every kernel variant for each target architecture (:mod:`bench.gpu_compile`) at the seed shape
 (B=128, 784 → 128 → 10; every mode, with and without bias), the course's programs at their own shapes and at
-16384 rows, and over a sweep of sizes around the seed, and writes
+16384 rows, and over a sweep of sizes around the seed (the kernels of a seed step, the MSE heads and Adam:
+:data:`SWEEP_KERNELS`), and writes
 ``bench/results/compile/<arch>.md``: per kernel and launch configuration, registers per thread, spill bytes,
 shared memory per block, resident blocks per SM with the limit that binds, and the occupancy they give.
 Results are cached (``--cache``), so a second run only reformats.
@@ -19,6 +20,8 @@ from bench import gpu_compile as gc
 
 OUT = Path(__file__).resolve().parent / "results" / "compile"
 ALL_KERNELS = tuple(gc.ALL_KERNELS)
+# the sweep: the kernels of a seed step and those the course's regression programs add (the MSE heads, Adam)
+SWEEP_KERNELS = (*gc.SEED_KERNELS, "forward_mse", "step_rows_mse", "step_grads_adam", "adam")
 SHORT = {"BLOCK_M": "M", "BLOCK_MS": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_H": "H", "BLOCK_OUT": "OUT",
          "BLOCK": "BLOCK", "num_warps": "w", "num_stages": "s"}
 
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sets = dict(seed=gc.seed_cases(ALL_KERNELS, args.arch), deep=gc.seed_cases(gc.DEEP_KERNELS, args.arch, depth=3),
                 course=gc.course_cases(args.arch), course_large=gc.course_cases(args.arch, gc.COURSE_LARGE_ROWS),
-                sweep=[] if args.no_sweep else gc.sweep_cases(archs=args.arch))
+                sweep=[] if args.no_sweep else gc.sweep_cases(SWEEP_KERNELS, args.arch))
     results = gc.compile_cases(list(dict.fromkeys(c for cases in sets.values() for c in cases)), args.workers,
                                args.cache)
     options = ((["--arch", *args.arch] if args.arch != list(gc.ARCHS) else [])
