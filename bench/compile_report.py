@@ -129,11 +129,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def report_sets(archs, sweep: bool = True) -> dict[str, list]:
+    """The cases of each part of the report, in its tables' order: the seed shape, three layers, the course's
+    programs at their own shapes and at :data:`bench.gpu_compile.COURSE_LARGE_ROWS` rows, the sweep."""
+    archs = tuple(archs)
+    return dict(seed=gc.seed_cases(ALL_KERNELS, archs), deep=gc.seed_cases(gc.DEEP_KERNELS, archs, depth=3),
+                course=gc.course_cases(archs), course_large=gc.course_cases(archs, gc.COURSE_LARGE_ROWS),
+                sweep=gc.sweep_cases(SWEEP_KERNELS, archs) if sweep else [])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sets = dict(seed=gc.seed_cases(ALL_KERNELS, args.arch), deep=gc.seed_cases(gc.DEEP_KERNELS, args.arch, depth=3),
-                course=gc.course_cases(args.arch), course_large=gc.course_cases(args.arch, gc.COURSE_LARGE_ROWS),
-                sweep=[] if args.no_sweep else gc.sweep_cases(SWEEP_KERNELS, args.arch))
+    sets = report_sets(args.arch, sweep=not args.no_sweep)
     results = gc.compile_cases(list(dict.fromkeys(c for cases in sets.values() for c in cases)), args.workers,
                                args.cache)
     options = ((["--arch", *args.arch] if args.arch != list(gc.ARCHS) else [])

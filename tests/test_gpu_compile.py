@@ -11,14 +11,19 @@ variant in every mode, the course's programs at their own shapes, and the compil
 the launchers take them, the train step's MSE rows where the class head's configuration spilled, and the launches
 that spilled with either Triton (3.6: the GPU machine's) before their configurations changed. Compiles run
 in a process without ``TRITON_INTERPRET``, in parallel, cached under the temp dir (``PYFUSED_COMPILE_CACHE``).
+The committed compile reports must list the configurations and grids the launchers choose now (captured, not
+compiled): a configuration change fails until they are regenerated.
 Under the GPU machine's Triton (older than 3.8) the default set is compiled for sm_90 only (that machine's H200).
 """
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 import triton
 
 from bench import gpu_compile as gc
-from bench.compile_report import SWEEP_KERNELS
+from bench.compile_report import SWEEP_KERNELS, config_text, report_sets
 
 SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
 OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
@@ -263,3 +268,41 @@ def test_parse_ptxas():
     assert gc.parse_ptxas(log) == dict(regs=255, spill_stores=12, spill_loads=8, stack=16, static_smem=0)
     with pytest.raises(ValueError, match="registers"):
         gc.parse_ptxas("ptxas info    : 0 bytes gmem\n")
+
+
+REPORTS = sorted((Path(gc.__file__).resolve().parent / "results" / "compile").glob("**/sm_*.md"))
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_cells(case) -> tuple[str, str]:
+    launch = gc.capture(case)
+    return config_text(launch.kwargs), str(launch.grid[0])
+
+
+def _table_rows(text: str) -> list[dict]:
+    rows, header = [], None
+    for line in text.splitlines():
+        if line.startswith("|---"):
+            continue
+        if not line.startswith("| "):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        else:
+            rows.append(dict(zip(header, cells)))
+    return rows
+
+
+@pytest.mark.parametrize("path", REPORTS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_the_committed_compile_reports_have_the_launchers_configs(path):
+    """Each committed report (``python -m bench.compile_report``, each Triton's) lists the cases the report
+    compiles now, in order, with the config and grid the launchers choose now: a changed configuration function
+    or case list fails here until the reports are regenerated. (Captures only: nothing is compiled.)"""
+    arch = path.stem
+    expected = [c for cases in report_sets((arch,)).values() for c in dict.fromkeys(cases)]
+    rows = _table_rows(path.read_text(encoding="utf-8"))
+    assert len(rows) == len(expected), f"{path}: {len(rows)} rows, the report compiles {len(expected)} cases now"
+    for case, row in zip(expected, rows):
+        assert (row["config"], row["grid"]) == _launch_cells(case), f"{path}: {case} is stale: {row}"
