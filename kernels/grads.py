@@ -334,7 +334,7 @@ def grads_config(n_rows: int, widths: tuple, dtype: torch.dtype, epilogue: str, 
     if epilogue == "accumulate" and dtype == torch.float64 and n_rows <= 16:  # one K step either way: 16 spilled
         block_k = 32  # 16 B at a 1-row step on sm_80 with Triton 3.6
     num_warps = 4 if update and block_n < 64 else 16 if block_n == 128 else 8
-    if update and block_n == 16:  # the three that spilled at 4 warps, 2 stages, K steps of 32 (see above)
+    if update and block_n == 16:  # the update tiles' rules by dtype and optimizer (see above)
         if dtype == torch.float64:
             stages = 1
             if optimizer == "sgd" and n_rows > 16:  # 2 warps (4 spilled 48-96 B on sm_90 with Triton 3.6; at up

@@ -273,9 +273,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     logits tile (16 warps at 1024 outputs in 16-bit dtypes spilled 4–28 B), and K steps of 16 in fp32 IEEE past
     two layers (32 spilled 8–12 B at 784 → 128 → 128 → 10 on sm_90): no spills over the sweep of
     ``step_rows_mse`` (``bench.gpu_compile.sweep_cases``), its seed and course shapes and hidden 1024 with Triton
-    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's tiles, with 2 stages (8 warps
-    instead in fp32 IEEE) and K steps of 16 in the large-batch tiles (see the code): no spills over the sweep of
-    ``forward_mse``, its seed and course shapes with either ptxas.
+    3.6's and 3.8's ptxas. A module forward with the MSE head keeps the class head's tiles, with 8 warps in fp32
+    IEEE, 2 stages in TF32 and float64, and K steps of 16 in TF32's large-batch tiles (see the code): no spills
+    over the sweep of ``forward_mse``, its seed and course shapes with either ptxas.
     """
     block_out = dot_block(widths[-1], MAX_OUT)
     hidden = max(widths[1:-1])
@@ -314,20 +314,23 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     # hidden widths that are not multiples of 16 (the course's 100, 13, 8): slices of 32, as 64-wide ones take
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
-    if large:  # with the MSE head K steps of 16 (32 spilled 4 B in TF32 at 65536 rows on sm_80 with Triton 3.6)
-        return dict(large_tiles(block_h), **({"BLOCK_K": dot_block(widths[0], 16)} if loss == "mse" else {}))
+    if large:  # TF32 with the MSE head: K steps of 16 (32 spilled 4 B at 65536 rows on sm_80 with Triton 3.6)
+        return dict(large_tiles(block_h), **({"BLOCK_K": dot_block(widths[0], 16)} if loss == "mse" and not half
+                                             else {}))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and half else 16
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
         # fp32 forward variants of the report with Triton 3.8, 9 with 3.6; at 16, 0 and 6 (2 stages: 13 and 12)
         ieee = dtype.itemsize >= 4 and precision != "tf32"
         # 3 stages (float64 at 2 spilled 8 B in forward_eval without bias on sm_90 with Triton 3.6); with the MSE
-        # head 2 (3 spilled 8 B in TF32 at 4097 rows on sm_90 with Triton 3.8, 4 B at 1 row on sm_80 with 3.6, and
-        # 8-16 B in float64 at 1000 -> 100 with 3.8) but in fp32 IEEE, which takes 8 warps there instead (at 4 it
-        # spilled 4-8 B at 1, 100 and 4097 rows on sm_90 with 3.6; 2 stages 8 B at eight shapes with 3.8)
+        # head 2 in TF32 and float64 (3 spilled 8 B in TF32 at 4097 rows on sm_90 with Triton 3.8, 4 B at 1 row on
+        # sm_80 with 3.6, and 8-16 B in float64 at 1000 -> 100 with 3.8), and 8 warps in fp32 IEEE (at 4 it
+        # spilled 4-8 B at 1, 100 and 4097 rows on sm_90 with 3.6; 2 stages 8 B at eight shapes with 3.8);
+        # 16-bit dtypes keep the class head's (clean with both)
+        mse = loss == "mse"
         fp32_ieee = ieee and dtype == torch.float32
-        stages = 2 if loss == "mse" and not fp32_ieee else 3
-        warps = 8 if wide or loss == "mse" and fp32_ieee else 4
+        stages = 2 if mse and (precision == "tf32" or dtype == torch.float64) else 3
+        warps = 8 if wide or mse and fp32_ieee else 4
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 16 if ieee else 32), BLOCK_H=block_h,
                     BLOCK_OUT=block_out, num_warps=warps, num_stages=stages)
     return dict(BLOCK_M=16, BLOCK_K=dot_block(hidden, 32), BLOCK_H=block_h, BLOCK_OUT=block_out,
