@@ -365,9 +365,11 @@ def run(args) -> int:
     try:
         status = _run(args, ranks)
         finished = True
-        return status
     finally:
         ranks.close(finished)
+    if ranks.distributed and ranks.backend == "gloo":
+        ranks_.exit_gloo_rank(status)  # no interpreter finalization: it can abort a gloo rank (see there)
+    return status
 
 
 def _run(args, ranks) -> int:
