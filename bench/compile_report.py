@@ -50,6 +50,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def table_rows(text: str) -> list[list[dict]]:
+    """The tables of a report :func:`render` wrote, in order (the seed shape's first), each a list of rows keyed
+    by the header's column names."""
+    tables, header = [], None
+    for line in text.splitlines():
+        if line.startswith("|---"):
+            continue
+        if not line.startswith("| "):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+            tables.append([])
+        else:
+            tables[-1].append(dict(zip(header, cells)))
+    return tables
+
+
 def _kernel_label(case) -> str:
     return case.kernel if case.activation == "relu" else f"{case.kernel} ({case.activation})"
 

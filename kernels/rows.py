@@ -281,6 +281,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     hidden = max(widths[1:-1])
     wide = block_out > 256
     half = dtype.itemsize == 2
+    mse = loss == "mse"  # the squared error's target tile beside the logits (docstring)
     aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
     large = forward and n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide
 
@@ -294,7 +295,6 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
             # hidden slices of 64)
             tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
             return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
-        mse = loss == "mse"  # the squared error's target tile beside the logits (docstring)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and (not aligned or precision != "tf32" and (block_out >= 256 or mse and len(widths) > 3)):
@@ -315,8 +315,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     # 255 registers and spill in fp32 IEEE (unaligned weight tiles)
     block_h = dot_block(hidden, max(16, min(64 if aligned else 32, 4096 // block_out)))
     if large:  # TF32 with the MSE head: K steps of 16 (32 spilled 4 B at 65536 rows on sm_80 with Triton 3.6)
-        return dict(large_tiles(block_h), **({"BLOCK_K": dot_block(widths[0], 16)} if loss == "mse" and not half
-                                             else {}))
+        return dict(large_tiles(block_h), **({"BLOCK_K": dot_block(widths[0], 16)} if mse and not half else {}))
     if forward:
         block_m = 32 if n_rows > 4096 and block_out <= 128 and half else 16
         # fp32 IEEE (FMA-bound: the step size costs little): K steps of 16 — at 32, 4-8 B spills at 10 of the 192
@@ -327,7 +326,6 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         # sm_80 with 3.6, and 8-16 B in float64 at 1000 -> 100 with 3.8), and 8 warps in fp32 IEEE (at 4 it
         # spilled 4-8 B at 1, 100 and 4097 rows on sm_90 with 3.6; 2 stages 8 B at eight shapes with 3.8);
         # 16-bit dtypes keep the class head's (clean with both)
-        mse = loss == "mse"
         fp32_ieee = ieee and dtype == torch.float32
         stages = 2 if mse and (precision == "tf32" or dtype == torch.float64) else 3
         warps = 8 if wide or mse and fp32_ieee else 4

@@ -23,7 +23,7 @@ import torch
 import triton
 
 from bench import gpu_compile as gc
-from bench.compile_report import SWEEP_KERNELS, config_text, report_sets
+from bench.compile_report import SWEEP_KERNELS, config_text, report_sets, table_rows
 
 SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
 OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
@@ -290,22 +290,6 @@ def _identity(case, row: dict) -> dict:
     return {key: value for key, value in want.items() if key in row}
 
 
-def _table_rows(text: str) -> list[dict]:
-    rows, header = [], None
-    for line in text.splitlines():
-        if line.startswith("|---"):
-            continue
-        if not line.startswith("| "):
-            header = None
-            continue
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if header is None:
-            header = cells
-        else:
-            rows.append(dict(zip(header, cells)))
-    return rows
-
-
 @pytest.mark.parametrize("path", REPORTS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_the_committed_compile_reports_have_the_launchers_configs(path):
     """Each committed report (``python -m bench.compile_report``, each Triton's) lists the cases the report
@@ -313,7 +297,7 @@ def test_the_committed_compile_reports_have_the_launchers_configs(path):
     or case list fails here until the reports are regenerated. (Captures only: nothing is compiled.)"""
     arch = path.stem
     expected = [c for cases in report_sets((arch,)).values() for c in dict.fromkeys(cases)]
-    rows = _table_rows(path.read_text(encoding="utf-8"))
+    rows = [row for table in table_rows(path.read_text(encoding="utf-8")) for row in table]
     assert len(rows) == len(expected), f"{path}: {len(rows)} rows, the report compiles {len(expected)} cases now"
     for case, row in zip(expected, rows):
         want = _identity(case, row)

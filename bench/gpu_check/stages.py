@@ -326,21 +326,15 @@ def committed_report_path(arch: str) -> Path:
 
 
 def committed_report(arch: str) -> dict:
-    """(kernel label, mode, bias) → (regs, spill text) from the committed report (:func:`committed_report_path`)."""
+    """(kernel label, mode, bias) → (regs, spill text) from the committed report's seed-shape table
+    (:func:`committed_report_path`)."""
+    from bench.compile_report import table_rows
+
     path = committed_report_path(arch)
     if not path.exists():
         return {}
-    table, found = {}, False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("## Seed shape"):
-            found = True
-            continue
-        if found and line.startswith("## "):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if found and len(cells) >= 7 and cells[0] not in ("kernel", "---"):
-            table[(cells[0], cells[1], cells[2])] = (cells[5], cells[6].replace("*", ""))
-    return table
+    seed = table_rows(path.read_text(encoding="utf-8"))[0]
+    return {(r["kernel"], r["mode"], r["bias"]): (r["regs"], r["spill"].replace("*", "")) for r in seed}
 
 
 def stage_registers(report: Report, device: torch.device) -> None:

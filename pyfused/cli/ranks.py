@@ -58,17 +58,18 @@ class Ranks:
                 dist.barrier()
             dist.destroy_process_group()
 
-
-def exit_gloo_rank(status: int) -> None:
-    """End this gloo rank's process now with ``status``, after its process group is destroyed (:meth:`Ranks.close`)
-    and its output flushed, without the interpreter's finalization: there, with torch 2.11, a finished gloo rank
-    aborted now and then ("terminate called without an active exception", SIGABRT, so torchrun failed the run)
-    — 1 of 16 two-rank runs of tests/test_distributed.py's torchrun case, after both ranks had passed the barrier
-    and destroyed the group. Gloo's worker threads still own objects that are destroyed at finalization
-    (pytorch/pytorch#179291 describes the same abort)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    def exit(self, status: int) -> int:
+        """``status`` — but a gloo rank (after :meth:`close`) ends its process here with it, its output flushed,
+        without the interpreter's finalization: there, with torch 2.11, a finished gloo rank aborted now and then
+        ("terminate called without an active exception", SIGABRT, so torchrun failed the run) — 1 of 16 two-rank
+        runs of tests/test_distributed.py's torchrun case, after both ranks had passed the barrier and destroyed
+        the group. Gloo's worker threads still own objects that are destroyed at finalization
+        (pytorch/pytorch#179291 describes the same abort)."""
+        if self.distributed and self.backend == "gloo":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
 
 
 def under_torchrun() -> bool:

@@ -367,9 +367,7 @@ def run(args) -> int:
         finished = True
     finally:
         ranks.close(finished)
-    if ranks.distributed and ranks.backend == "gloo":
-        ranks_.exit_gloo_rank(status)  # no interpreter finalization: it can abort a gloo rank (see there)
-    return status
+    return ranks.exit(status)  # a gloo rank ends its process here (see there)
 
 
 def _run(args, ranks) -> int:
