@@ -21,6 +21,10 @@ optimizer      2P (momentum 0), 4P         s·3P (momentum 0), s·5P      p, g i
 train_step     loss + optimizer            s(B·I + P + P) + 8B + s (+ s·2P momentum buffer in and out)
 =============  ==========================  ===========================================================
 
+Deeper MLPs (``extra_hidden``) count every layer's product in each term; with ``loss="mse"`` the targets are
+s·B·N bytes instead of 8B, and with ``optimizer="adam"`` the train step reads and writes two state tensors (s·4P)
+instead of the momentum buffer.
+
 Peaks are vendor datasheet numbers ("up to", at boost clock), dense (the datasheets' tensor-core figures
 marked * are with 2:4 sparsity and are halved here): fp32 = the FP32 CUDA-core peak (IEEE fp32 matmuls do not
 run on tensor cores), tf32 = TF32 tensor core, bf16 = BF16 tensor core. Sources:
@@ -84,15 +88,29 @@ def peak_for(device_name: str) -> Peak | None:
 
 
 def work(case: str, batch: int, n_in: int, hidden: int, n_out: int, bias: bool, elem: int,
-         momentum: float | None) -> tuple[float, float]:
-    """(FLOPs, compulsory bytes) of one call of ``case``, by the model in the module docstring."""
-    params = n_in * hidden + hidden * n_out + ((hidden + n_out) if bias else 0)
-    fwd = 2 * batch * (n_in * hidden + hidden * n_out)
-    bwd = 2 * batch * (2 * hidden * n_out + n_in * hidden)
+         momentum: float | None, *, extra_hidden: tuple = (), loss: str = "nll",
+         optimizer: str = "sgd") -> tuple[float, float]:
+    """(FLOPs, compulsory bytes) of one call of ``case``, by the model in the module docstring.
+
+    ``extra_hidden``: further hidden layers after the first (a deeper MLP: the matrix products of every layer,
+    the hidden gradients of every layer but the first); ``loss``: "nll" (int64 class targets) or "mse" (targets
+    of the model's dtype, one per output); ``optimizer``: "sgd" (a momentum buffer when ``momentum``) or "adam"
+    (two state tensors, read and written)."""
+    if loss not in ("nll", "mse"):
+        raise ValueError(f"loss must be 'nll' or 'mse'; got {loss!r}")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam'; got {optimizer!r}")
+    widths = (n_in, hidden, *extra_hidden, n_out)
+    layers = list(zip(widths[:-1], widths[1:]))
+    params = sum(a * b for a, b in layers) + (sum(widths[1:]) if bias else 0)
+    fwd = 2 * batch * sum(a * b for a, b in layers)
+    bwd = fwd + 2 * batch * sum(a * b for a, b in layers[1:])  # every dW, every hidden layer's gradient; no dx
     x_bytes = elem * batch * n_in
-    loss_bytes = elem * (2 * params) + 8 * batch + elem
-    opt_flops = (4 if momentum else 2) * params
-    opt_bytes = elem * (5 if momentum else 3) * params
+    target_bytes = 8 * batch if loss == "nll" else elem * batch * n_out
+    loss_bytes = elem * (2 * params) + target_bytes + elem
+    states = 2 if optimizer == "adam" else 1 if momentum else 0
+    opt_flops = (4 if states else 2) * params
+    opt_bytes = elem * (3 + 2 * states) * params
     if case == "forward":
         return fwd, x_bytes + elem * (params + batch * n_out)
     if case == "fwd_bwd":
@@ -102,5 +120,5 @@ def work(case: str, batch: int, n_in: int, hidden: int, n_out: int, bias: bool, 
     if case == "optimizer":
         return opt_flops, opt_bytes
     if case == "train_step":
-        return fwd + bwd + opt_flops, x_bytes + loss_bytes + (elem * 2 * params if momentum else 0)
+        return fwd + bwd + opt_flops, x_bytes + loss_bytes + elem * 2 * states * params
     raise ValueError(f"case must be one of forward, fwd_bwd, loss, optimizer, train_step; got {case!r}")

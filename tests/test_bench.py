@@ -115,6 +115,26 @@ def test_roofline_peaks_and_work():
     assert opt9[1] / opt0[1] == pytest.approx(5 / 3)
 
 
+def test_roofline_work_for_the_course_programs():
+    """The train step's work for the course's other programs: MSE targets (s·B·N bytes, not 8B), Adam's two
+    state tensors, a third layer's products and hidden gradient; bad names are a ValueError naming the value."""
+    nll = roofline.work("train_step", 64, 1000, 100, 10, True, 4, 0.9)
+    mse = roofline.work("train_step", 64, 1000, 100, 10, True, 4, 0.9, loss="mse")
+    adam = roofline.work("train_step", 64, 1000, 100, 10, True, 4, None, loss="mse", optimizer="adam")
+    params = 1000 * 100 + 100 + 100 * 10 + 10
+    assert mse[0] == nll[0] and mse[1] - nll[1] == 4 * 64 * 10 - 8 * 64
+    assert adam[1] - mse[1] == 4 * 2 * params  # one more state tensor in and out than momentum
+    two = roofline.work("fwd_bwd", 64, 20, 13, 3, False, 4, None)
+    three = roofline.work("fwd_bwd", 64, 20, 13, 3, False, 4, None, extra_hidden=(8,))
+    assert two[0] == 2 * 64 * (20 * 13 + 13 * 3) * 2 + 2 * 64 * 13 * 3
+    assert three[0] == 2 * 64 * (20 * 13 + 13 * 8 + 8 * 3) * 2 + 2 * 64 * (13 * 8 + 8 * 3)
+    assert roofline.work("train_step", 128, 784, 128, 10, True, 4, 0.9) == (52770344, 2030756)  # the seed's, as before
+    with pytest.raises(ValueError, match="loss must be 'nll' or 'mse'; got 'l1'"):
+        roofline.work("train_step", 1, 2, 2, 2, True, 4, None, loss="l1")
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'; got 'lamb'"):
+        roofline.work("train_step", 1, 2, 2, 2, True, 4, None, optimizer="lamb")
+
+
 @pytest.mark.slow
 def test_quick_cpu_run_with_torch_compile(tmp_path):
     argv = TINY + ["--dtypes", "fp32", "--momentum", "0.9", "--impls", "eager", "compile_default",
