@@ -1,8 +1,10 @@
 """``python -m bench.model --device h200``: a performance model of FusedTrainStep's two launches — predictions,
 not measurements — for B = 128 … 65536, hidden 128 and 1024 (784 → hidden → 10, bias, SGD with momentum), in
 fp32 IEEE, TF32 and bf16, with the weight-gradient reduction and the hidden layer split as the launchers split
-them ("after": S slices of the rows per tile, G programs per row block) and unsplit ("before", S = G = 1).
-Writes ``bench/results/model/<device>.md``.
+them ("after": S slices of the rows per tile, G programs per row block) and unsplit ("before", S = G = 1);
+and the course's programs (:data:`COURSE_STEPS`: their widths and depth, the MSE head, Adam) at their own batch
+and at :data:`bench.gpu_compile.COURSE_LARGE_ROWS` rows, as the launchers choose. Writes
+``bench/results/model/<device>.md``.
 
 Each launch's grid and configuration are the launchers' own (:func:`bench.gpu_compile.capture`), its registers,
 shared memory and resident blocks per SM those of Triton's compile for the device's architecture
@@ -14,9 +16,12 @@ shared memory and resident blocks per SM those of Triton's compile for the devic
   hidden slices, then on the last one the G partials and every slice's backward —; the statistics loop of the update
   epilogue) × ``STEP_NS`` × the waves each SM runs (``grid / (SMs · blocks per SM)``, rounded up);
 - **L2**: the bytes every program loads (its tiles of activations and weights, re-read by each program, less
-  the columns a tile's masks leave out past the matrix's edge, and the split partials) at ``L2_TBPS``;
-- **HBM**: the compulsory bytes (x once per launch; launch 1 writes the activations, their gradients and dz
-  once, launch 2 reads them; parameters and momentum read and written once) at the datasheet bandwidth;
+  the columns a tile's masks leave out past the matrix's edge, and the split partials) at ``L2_TBPS`` — in
+  launch 1 a program's row tile of a layer's input once per hidden slice it makes (each slice's K loop reloads
+  it, and the pipelined loops' loads are ``cp.async.cg``, which bypass L1), the weights once per row block;
+- **HBM**: the compulsory bytes (x once per launch, the targets in launch 1; launch 1 writes the activations, their
+  gradients and dz once, launch 2 reads them; parameters and the optimizer's states — momentum, or Adam's two —
+  read and written once) at the datasheet bandwidth;
 - **launch**: ``LAUNCH_US`` per launch (launch latency and the tail of the last wave).
 
 The constants are assumptions (H100/H200-class numbers from public microbenchmarks, not measured here), named so
@@ -64,37 +69,59 @@ def _parts_per_step() -> int:
     return PARTS_PER_STEP
 
 
+def _optimizer_states(case: gc.Case) -> int:
+    """The state tensors launch 2's update reads and writes: Adam's two, the momentum buffer of SGD."""
+    return 2 if case.kernel.endswith("adam") else 1
+
+
 def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: str) -> dict:
     """The five terms (µs) of one launch and its predicted time: ``kind`` "rows" (launch 1) or "grads" (launch
-    2), ``result`` the compile result of ``case`` (grid, config, blocks per SM)."""
+    2), ``result`` the compile result of ``case`` (grid, config, blocks per SM, shared memory). Any depth
+    (``case.widths``), the NLL or MSE head (``step_rows_mse``: float targets), SGD with momentum or Adam
+    (``step_grads_adam``: two state tensors)."""
     cfg, grid = result["config"], result["grid"][0]
-    s, B, h = _elem(mode), case.n_rows, case.n_hidden
-    widths = (case.n_in, h, case.n_out)
+    s, B, w = _elem(mode), case.n_rows, case.widths
+    L = len(w) - 1  # layers; layer i maps w[i] → w[i + 1], the last hidden layer is L − 2
+    n_out, n_last = w[-1], w[-2]
     resident = max(1, result["blocks_per_sm"]) * sms
     waves = math.ceil(grid / resident)
+    hidden = sum(w[1:-1])
     partials, n_blocks = _row_partials(case)  # launch 1 makes the last layer's dW per row block, launch 2 sums them
-    part_bytes = 4 * n_blocks * N_OUT * (h + 1) if partials else 0
+    part_bytes = 4 * n_blocks * n_out * (n_last + 1) if partials else 0
+    products = [w[i] * w[i + 1] for i in range(L)]
+    target = s * B * n_out if case.kernel.endswith("mse") else 8 * B
     if kind == "rows":
         bm, bk, bh = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["BLOCK_H"]
-        groups = grid // math.ceil(B / bm)  # G programs per row block share the hidden layer (HSPLIT)
-        slices = math.ceil(h / bh)
-        flops = 2 * B * (N_IN * h + (3 if partials else 2) * h * N_OUT)
-        # x per program, the weights once per row block (shared by its G programs), activations, gradients, dz
-        l2 = s * (grid * bm * N_IN + grid // groups * h * (N_IN + 2 * N_OUT) + B * (2 * h + N_OUT))
+        groups = grid // math.ceil(B / bm)  # G programs per row block share the last hidden layer (HSPLIT)
+        slices = [math.ceil(w[i + 1] / bh) for i in range(L - 1)]  # each hidden layer's slices
+        mine = slices[:-1] + [math.ceil(slices[-1] / groups)]  # a program's: its share of the last one
+        flops = 2 * B * (sum(products) + sum(products[1:]) + (products[-1] if partials else 0))
+        # a program's row tile of each layer's input once per slice it makes: each slice's K loop reloads it, and
+        # the pipelined loops' 16-byte loads are cp.async.cg, which bypass L1 (in the sm_90 PTX); the weights
+        # once per row block (the last layer's twice: forward and backward), shared by its G programs; the
+        # earlier layers' weights again in their backward, which re-reads the next gradient's tile per slice;
+        # the target, the activations, their gradients and dz
+        l2 = s * grid * bm * sum(w[i] * mine[i] for i in range(L - 1))
+        l2 += s * grid * bm * sum(w[j + 2] * slices[j] for j in range(L - 2))
+        l2 += s * grid // groups * (sum(products[:-1]) + 2 * products[-1] + sum(products[1:-1]))
+        l2 += target + s * B * (2 * hidden + n_out)
         if groups > 1:  # each its share of the slices; the last also the G partials and every slice's backward
-            chain = math.ceil(slices / groups) * (math.ceil(N_IN / bk) + 1) + groups + slices
-            l2 += 2 * 4 * grid * bm * cfg["BLOCK_OUT"] + s * B * h  # partials; the others' activations
+            chain = mine[-1] * (math.ceil(w[-3] / bk) + 1) + groups + slices[-1]
+            l2 += 2 * 4 * grid * bm * cfg["BLOCK_OUT"] + s * B * n_last  # partials; the others' activations
         else:
-            chain = slices * (math.ceil(N_IN / bk) + 2)
-        # x and the weights in; the activations, their gradients and dz out, once (the backward rows read the
-        # block's activations back from L2, just written)
-        hbm = s * (B * N_IN + N_IN * h + h * N_OUT) + s * B * (2 * h + (0 if partials else N_OUT)) + part_bytes
+            chain = slices[-1] * (math.ceil(w[-3] / bk) + 2)
+        chain += sum(slices[i] * (math.ceil(w[i] / bk) + 1) for i in range(L - 2))  # earlier layers, forward
+        chain += sum(slices[j] * (math.ceil(w[j + 2] / bk) + 1) for j in range(L - 2))  # and backward
+        # x, the target and the weights in; the activations, their gradients and dz out, once (the backward
+        # rows read the block's activations back from L2, just written)
+        hbm = s * (B * w[0] + sum(products)) + target + s * B * (2 * hidden + (0 if partials else n_out)) \
+            + part_bytes
     else:
         bms, bn, bk, br = cfg["BLOCK_MS"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
         split = result.get("split", 1)
         rows = math.ceil(B / split)
-        layers = 1 if partials else 2  # with the row partials, the last layer's tiles only sum them
-        flops = 2 * B * (N_IN * h + (0 if partials else h * N_OUT))
+        layers = L - 1 if partials else L  # with the row partials, the last layer's tiles only sum them
+        flops = 2 * B * sum(products[:layers])
         stats = math.ceil(n_blocks / br)  # the statistics every program sums
         # the partials buffer: S > 1, or a tile summed and updated a part at a time (EPILOGUE_N) at S = 1 too
         parts = split > 1 or cfg.get("EPILOGUE_N", bn) < bn
@@ -102,12 +129,14 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
         if partials:  # R partials, PARTS_PER_STEP loads in flight per step
             chain = max(chain, math.ceil(n_blocks / _parts_per_step()) + stats)
         # each tile its rows of D_i and of A_i, less the columns its masks leave out (past n_{i+1}, n_i)
-        l2 = sum(split * s * rows * (math.ceil(widths[i] / bn) * widths[i + 1] + math.ceil(widths[i + 1] / bms[i])
-                                     * widths[i]) for i in range(layers)) + part_bytes
-        params = N_IN * h + h + h * N_OUT + N_OUT
+        l2 = sum(split * s * rows * (math.ceil(w[i] / bn) * w[i + 1] + math.ceil(w[i + 1] / bms[i]) * w[i])
+                 for i in range(layers)) + part_bytes
+        params = sum(products) + (sum(w[1:]) if case.bias else 0)
         l2 += (2 * split * 4 * params if parts else 0) + grid * 8 * n_blocks
-        # x, dpre (and h, dz, or the partials) once; p, momentum in and out
-        hbm = s * B * (N_IN + h + (0 if partials else h + N_OUT)) + part_bytes + s * 4 * params
+        # A_i and D_i of the reduced layers (x, the hidden gradients and activations, dz) once, or the
+        # partials; the parameters and the optimizer's states in and out
+        hbm = s * B * sum(w[i] + w[i + 1] for i in range(layers)) + part_bytes \
+            + s * 2 * (1 + _optimizer_states(case)) * params
     terms = {
         "math": flops / peak.flops[mode] * sms * math.ceil(grid / sms) / grid * 1e6,
         "chain": waves * chain * STEP_NS * 1e-3,
@@ -118,9 +147,12 @@ def launch_terms(kind: str, case: gc.Case, result: dict, sms: int, peak, mode: s
     return dict(terms, time=terms[bound] + LAUNCH_US, bound=bound, grid=grid, waves=waves)
 
 
-def work_roofline(B: int, h: int, mode: str, peak) -> float:
-    """The step's roofline (µs): :func:`bench.roofline.work`'s ``train_step`` (bias, momentum) at the peaks."""
-    flops, nbytes = work("train_step", B, N_IN, h, N_OUT, True, _elem(mode), 0.9)
+def work_roofline(B: int, h: int, mode: str, peak, *, n_in: int = N_IN, n_out: int = N_OUT, extra_hidden=(),
+                  loss: str = "nll", optimizer: str = "sgd") -> float:
+    """The step's roofline (µs): :func:`bench.roofline.work`'s ``train_step`` (bias, momentum) at the peaks —
+    784 → h → 10 with NLL and SGD unless told otherwise."""
+    flops, nbytes = work("train_step", B, n_in, h, n_out, True, _elem(mode), 0.9, extra_hidden=tuple(extra_hidden),
+                         loss=loss, optimizer=optimizer)
     return peak.bound_s(flops, nbytes, mode) * 1e6
 
 
@@ -155,6 +187,30 @@ def _cases(arch):
     return out
 
 
+# The course's programs as FusedTrainStep runs them (bench.gpu_compile.COURSE): program, launch 1's kernel, launch
+# 2's, the loss and the optimizer (SGD with momentum, or Adam) — at their own batch and at COURSE_LARGE_ROWS.
+COURSE_STEPS = (
+    ("fashion-mnist fit (784-128-10, NLL, SGD)", "step_rows", "step_grads", "nll", "sgd"),
+    ("regression (1000-100-10, MSE, SGD / Adam)", "step_rows_mse", "step_grads", "mse", "sgd"),
+    ("regression (1000-100-10, MSE, SGD / Adam)", "step_rows_mse", "step_grads_adam", "mse", "adam"),
+    ("small net (20-13-8-3, cross-entropy, SGD)", "step_rows", "step_grads", "nll", "sgd"),
+)
+
+
+def _course_cases(arch):
+    out = []
+    for program, rows_kernel, grads_kernel, loss, optimizer in COURSE_STEPS:
+        (n_rows, n_in, hidden, n_out, extra), kernels = gc.COURSE[program]
+        assert rows_kernel in kernels and grads_kernel in kernels, program
+        for B in dict.fromkeys((n_rows, gc.COURSE_LARGE_ROWS)):
+            for mode in MODES:
+                sizes = (B, n_in, hidden, n_out)
+                out.append((program, loss, optimizer, mode,
+                            gc.Case(rows_kernel, arch, mode, True, *sizes, extra_hidden=extra),
+                            gc.Case(grads_kernel, arch, mode, True, *sizes, extra_hidden=extra)))
+    return out
+
+
 def _split_of(case: gc.Case, result: dict) -> int:
     """The S of the launch: the case's, else :func:`split_count`'s for the launcher's config — checked against
     the grid the launcher made (its tiles × S, and the loss program), so the model never prices another S."""
@@ -162,15 +218,27 @@ def _split_of(case: gc.Case, result: dict) -> int:
 
     from pyfused.kernels.grads import resident_programs, split_count, tile_counts
 
-    tiles = tile_counts((case.n_in, case.n_hidden, case.n_out), result["config"])
+    tiles = tile_counts(case.widths, result["config"])
     split = case.split if case.split is not None else split_count(
         case.n_rows, sum(tiles), torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
         tensor_cores=case.mode in ("tf32", "bf16", "fp16"), resident=resident_programs(result["config"], "update"))
+    chunk = -(-(-(-max(case.n_rows, 1) // split)) // result["config"]["BLOCK_K"]) * result["config"]["BLOCK_K"]
+    split = -(-max(case.n_rows, 1) // chunk)  # the launcher's S: whole K-steps per slice
     last = 1 if _row_partials(case)[0] else split  # the row partials' tiles are not split
-    if result["grid"][0] != tiles[0] * split + tiles[1] * last + 1:
+    if result["grid"][0] != sum(tiles[:-1]) * split + tiles[-1] * last + 1:
         raise RuntimeError(f"{case}: the launcher's grid {result['grid']} is not {tiles} tiles × S = "
                            f"({split}, {last}) + 1")
     return split
+
+
+def _step(c_rows: gc.Case, c_grads: gc.Case, results: dict, sms: int, peak, mode: str) -> dict:
+    """Both launches of one step: their terms, S / G, the step's time."""
+    r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
+    result = dict(results[c_grads], split=_split_of(c_grads, results[c_grads]))
+    r2 = launch_terms("grads", c_grads, result, sms, peak, mode)
+    groups = r1["grid"] // math.ceil(c_rows.n_rows / results[c_rows]["config"]["BLOCK_M"])
+    return dict(S=f"{result['split']} / {groups}", rows_us=r1["time"], rows_bound=r1["bound"], grads_us=r2["time"],
+                grads_bound=r2["bound"], grads_grid=r2["grid"], step_us=r1["time"] + r2["time"])
 
 
 def model(device: str) -> list[dict]:
@@ -183,19 +251,30 @@ def model(device: str) -> list[dict]:
         roof = work_roofline(B, h, mode, peak)
         floor = two_launch_floor(B, h, mode, peak, L2_MB[device])
         for label, c_rows, c_grads in (("before", *cases[:2]), ("after", *cases[2:])):
-            r1 = launch_terms("rows", c_rows, results[c_rows], sms, peak, mode)
-            result = dict(results[c_grads], split=_split_of(c_grads, results[c_grads]))
-            r2, split = launch_terms("grads", c_grads, result, sms, peak, mode), result["split"]
-            groups = r1["grid"] // math.ceil(B / results[c_rows]["config"]["BLOCK_M"])
-            step = r1["time"] + r2["time"]
-            rows.append(dict(B=B, hidden=h, mode=mode, version=label, S=f"{split} / {groups}", rows_us=r1["time"],
-                             rows_bound=r1["bound"], grads_us=r2["time"], grads_bound=r2["bound"],
-                             grads_grid=r2["grid"], step_us=step, roofline_us=roof, ratio=step / roof,
-                             floor_us=floor, floor_ratio=floor / roof))
+            step = _step(c_rows, c_grads, results, sms, peak, mode)
+            rows.append(dict(B=B, hidden=h, mode=mode, version=label, **step, roofline_us=roof,
+                             ratio=step["step_us"] / roof, floor_us=floor, floor_ratio=floor / roof))
     return rows
 
 
-def write(device: str, rows: list[dict], out: Path) -> Path:
+def course_model(device: str) -> list[dict]:
+    """The course's programs (:data:`COURSE_STEPS`) at the launchers' choice: each step's launches, its
+    roofline (:func:`bench.roofline.work` for its widths, loss and optimizer) and their ratio."""
+    name, arch, sms = DEVICES[device]
+    peak = peak_for(name)
+    table = _course_cases(arch)
+    results = gc.compile_cases([c for row in table for c in row[4:]])
+    rows = []
+    for program, loss, optimizer, mode, c_rows, c_grads in table:
+        step = _step(c_rows, c_grads, results, sms, peak, mode)
+        roof = work_roofline(c_rows.n_rows, c_rows.n_hidden, mode, peak, n_in=c_rows.n_in, n_out=c_rows.n_out,
+                             extra_hidden=c_rows.extra_hidden, loss=loss, optimizer=optimizer)
+        rows.append(dict(program=program, optimizer=optimizer, B=c_rows.n_rows, mode=mode, **step,
+                         roofline_us=roof, ratio=step["step_us"] / roof))
+    return rows
+
+
+def write(device: str, rows: list[dict], out: Path, course: list[dict] = ()) -> Path:
     name, arch, sms = DEVICES[device]
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{device}.md"
@@ -208,7 +287,10 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
              f"Assumptions: {STEP_NS:g} ns per dependent K-step, L2 {L2_TBPS:g} TB/s, {LAUNCH_US:g} µs per launch "
              "(see bench/model.py). Nothing here is measured: no GPU run exists yet. The two-launch floor is "
              "the least any step of two launches can take under the same assumptions, whatever its tiles "
-             "(`two_launch_floor`: x read in both, the hidden layer's gradient written and read once).", "",
+             "(`two_launch_floor`: x read in both, the hidden layer's gradient written and read once). Launch 1's L2 "
+             "term counts a program's row tile once per hidden slice it makes (until 2026-12-04 it was counted "
+             "once, which put hidden 1024 in TF32 and bf16 at 1.39–1.48× the roofline from 16384 rows instead "
+             "of the 1.74–2.14× below).", "",
              "| B | hidden | mode | version | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
              "roofline µs | step / roofline | two-launch floor µs (/ roofline) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -217,6 +299,19 @@ def write(device: str, rows: list[dict], out: Path) -> Path:
                      f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
                      f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× | "
                      f"{r['floor_us']:.1f} ({r['floor_ratio']:.2f}×) |")
+    if course:
+        lines += ["", "## The course's programs (FusedTrainStep, the launchers' choice)", "",
+                  "Each program's step at its own batch and at "
+                  f"{gc.COURSE_LARGE_ROWS} rows: its widths, loss (NLL or MSE on the logits) and optimizer (SGD "
+                  "with momentum, or Adam: two state tensors), the roofline `bench.roofline.work` gives for them. "
+                  "Bias on every layer (the small net has it on the output only: its roofline and launches differ "
+                  "by the hidden layers' 21 biases).", "",
+                  "| program | optimizer | B | mode | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | "
+                  "step µs | roofline µs | step / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in course:
+            lines.append(f"| {r['program']} | {r['optimizer']} | {r['B']} | {r['mode']} | {r['S']} | "
+                         f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
+                         f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -243,7 +338,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "model")
     args = parser.parse_args(argv)
-    print(write(args.device, model(args.device), args.out))
+    print(write(args.device, model(args.device), args.out, course_model(args.device)))
 
 
 if __name__ == "__main__":

@@ -257,13 +257,15 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
       instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
       64 rows, with MSE or sigmoid: it keeps 16 too) —, and 128-row tiles in 16-bit dtypes for two layers with an
-      input width that is a multiple of 16 and at most 128 outputs (half the re-reads again: at 65536 rows,
-      hidden 1024, bf16, launch 1 207.9 → 123.6 µs predicted; 202–255 registers, no spills on sm_80 and sm_90
-      with Triton 3.6's and 3.8's ptxas, relu and sigmoid; at 256 outputs, three layers or an unaligned hidden
+      input width that is a multiple of 16 and at most 128 outputs (half the weights' re-reads again: at 65536
+      rows, hidden 1024, bf16, launch 1 279.8 → 195.5 µs predicted; 202–255 registers, no spills on sm_80 and
+      sm_90 with Triton 3.6's and 3.8's ptxas, relu and sigmoid; at 256 outputs, three layers or an unaligned hidden
       layer they spill 88–1300 B, with the course's 1000 inputs 184–404 B, 16 warps spill too) — and in TF32 for
       at most 32 outputs, with hidden slices of 64 (255 registers, no spills on sm_80 and sm_90 with either
       ptxas; slices of 128 spill 8–128 B, 64 outputs 12 B with Triton 3.6, 128 outputs 56–80 B; launch 1 at
-      65536 rows, hidden 1024: 413.7 → 245.1 µs predicted, the step 2.15 → 1.76× its roofline);
+      65536 rows, hidden 1024: 557.6 → 553.4 µs predicted, no gain: x is re-read once per slice, so halving the
+      slices gives back what the taller tiles save on the weights — kept, as it compiles clean and runs half
+      the waves; an earlier model that read x once predicted 413.7 → 245.1);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
 
     ``loss="mse"`` (the squared error's target tile beside the logits) changes warps, K steps, stages only, never the
@@ -377,13 +379,14 @@ def hidden_split(n_blocks: int, n_slices: int, device: torch.device, sm_count: i
     slice. With ``tensor_cores`` (TF32, 16-bit dtypes) only while the blocks occupy at most a quarter of the SMs:
     past that the launch is bound by L2 (each block streams the whole of w_1) and the split's extra traffic (x
     read by each of the G programs, the partials) would cost more than its shorter chain brings (B = 1024, hidden
-    1024, TF32: 24.2 → 25.3 µs predicted); FMA-bound fp32 IEEE splits while the blocks leave half of the SMs
-    idle. Each of a block's G programs makes ``⌈n_slices / G⌉`` slices and their logit partials; the last to
-    arrive sums the partials in group order (:func:`pyfused.kernels.gemm.split_reduce`) and runs the head, the
-    loss and the backward rows for all of the layer — the dependent K-steps of the block's chain drop from
-    ``n_slices·(⌈n_0/BLOCK_K⌉ + 2)`` to about ``⌈n_slices/G⌉·(⌈n_0/BLOCK_K⌉ + 1) + G + n_slices`` (``python -m
-    bench.model``). ``sm_count`` stands for a GPU of that many SMs; without it, 1 off CUDA (the interpreter runs
-    programs one after another: tests pass ``split``)."""
+    1024, TF32: 26.5 → 26.9 µs predicted at G = 2; bf16 would gain, 16.4 → 14.5); FMA-bound fp32 IEEE splits
+    while the blocks leave half of the SMs idle. Each of a block's G programs makes ``⌈n_slices / G⌉`` slices
+    and their logit partials; the last to arrive sums the partials in group order
+    (:func:`pyfused.kernels.gemm.split_reduce`) and runs the head, the loss and the backward rows for all of the
+    layer — the dependent K-steps of the block's chain drop from ``n_slices·(⌈n_0/BLOCK_K⌉ + 2)`` to about
+    ``⌈n_slices/G⌉·(⌈n_0/BLOCK_K⌉ + 1) + G + n_slices`` (``python -m bench.model``). ``sm_count`` stands for a
+    GPU of that many SMs; without it, 1 off CUDA (the interpreter runs programs one after another: tests pass
+    ``split``)."""
     sm_count = sms(device, sm_count)
     if sm_count is None or n_slices < 2 or n_blocks * (4 if tensor_cores else 2) > sm_count:
         return 1

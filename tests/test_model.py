@@ -108,3 +108,77 @@ def test_committed_predictions_are_read_for_the_gpu_check():
     launch1, launch2, step = rows[(128, 128, "bf16")]
     assert 0 < launch1 < step and 0 < launch2 < step and abs(launch1 + launch2 - step) < 0.11
     assert model.committed("CPU (x86_64)") == {} and model.committed("NVIDIA A100-SXM4-80GB") == {}
+
+
+def _rows(case, cfg, grid, mode):
+    return model.launch_terms("rows", case, dict(config=cfg, grid=(grid,), blocks_per_sm=1), 132, PEAK, mode)
+
+
+def test_launch_1_reads_its_row_tile_again_for_every_hidden_slice():
+    """Each hidden slice's K loop reloads the program's x tile (cp.async.cg: from L2, past L1): TF32 at 65536
+    rows, hidden 1024, 128-row tiles — slices of 64 read x 16 times, slices of 128 8 times; the weights' reads
+    (once per row block) do not change."""
+    case = gc.Case("step_rows", "sm_90", "tf32", True, 65536, 784, 1024, 10)
+    narrow, wide = (_rows(case, dict(BLOCK_M=128, BLOCK_K=32, BLOCK_H=h, BLOCK_OUT=16), 512, "tf32") for h in (64, 128))
+    assert narrow["L2"] - wide["L2"] == pytest.approx(4 * 65536 * 784 * (16 - 8) / (model.L2_TBPS * 1e12) * 1e6)
+    assert narrow["bound"] == "L2"
+
+
+def test_the_mse_head_reads_float_targets(monkeypatch):
+    """MSE's targets are B × n_out values of the dtype, NLL's B int64 class indices: launch 1's HBM bytes differ
+    by exactly that (the same tiles, no row partials)."""
+    monkeypatch.setattr(model, "_row_partials", lambda case: (False, 1024))
+    cfg = dict(BLOCK_M=16, BLOCK_K=64, BLOCK_H=128, BLOCK_OUT=16)
+    nll, mse = (_rows(gc.Case(k, "sm_90", "bf16", True, 16384, 1000, 100, 10), cfg, 1024, "bf16")
+                for k in ("step_rows", "step_rows_mse"))
+    assert mse["HBM"] - nll["HBM"] == pytest.approx((2 * 16384 * 10 - 8 * 16384) / PEAK.bandwidth * 1e6)
+
+
+def test_adam_reads_and_writes_two_state_tensors():
+    """Launch 2 with Adam moves one more state tensor of P elements in and out than momentum SGD."""
+    cfg = dict(BLOCK_MS=(128, 16), BLOCK_N=16, BLOCK_K=32, BLOCK_R=64)
+    sgd, adam = (model.launch_terms("grads", gc.Case(k, "sm_90", "tf32", True, 16384, 1000, 100, 10),
+                                    dict(config=cfg, grid=(211,), blocks_per_sm=2, split=3), 132, PEAK, "tf32")
+                 for k in ("step_grads", "step_grads_adam"))
+    params = 1000 * 100 + 100 + 100 * 10 + 10
+    assert adam["HBM"] - sgd["HBM"] == pytest.approx(4 * 2 * params / PEAK.bandwidth * 1e6)
+    assert adam["L2"] == sgd["L2"] and adam["chain"] == sgd["chain"]
+
+
+def test_a_third_layer_adds_its_products_and_its_backward(monkeypatch):
+    """784 → 128 → 128 → 10: launch 1's FLOPs are every layer's forward product and the hidden gradients of every
+    layer but the first; its chain adds the second layer's forward and backward K loops; launch 2 reduces all
+    three layers' weight gradients."""
+    monkeypatch.setattr(model, "_row_partials", lambda case: (False, 8))
+    cfg = dict(BLOCK_M=16, BLOCK_K=64, BLOCK_H=128, BLOCK_OUT=16)
+    two = _rows(gc.Case("step_rows", "sm_90", "bf16", True, 128, 784, 128, 10), cfg, 8, "bf16")
+    three = _rows(gc.Case("step_rows", "sm_90", "bf16", True, 128, 784, 128, 10, extra_hidden=(128,)), cfg, 8,
+                  "bf16")
+    flops = 2 * 128 * (784 * 128 + 2 * 128 * 128 + 2 * 128 * 10)
+    assert three["math"] == pytest.approx(flops / PEAK.flops["bf16"] * 132 / 8 * 1e6)  # 8 programs
+    # the last hidden layer's loop over 128 inputs (2 + 2 steps), the first layer's forward (13 + 1) and the
+    # second's backward into it (2 + 1), against the two-layer net's one loop over x (13 + 2)
+    assert three["chain"] - two["chain"] == pytest.approx((4 + 14 + 3 - 15) * model.STEP_NS * 1e-3)
+    grads = dict(config=dict(BLOCK_MS=(128, 128, 16), BLOCK_N=16, BLOCK_K=32, BLOCK_R=64), grid=(100,),
+                 blocks_per_sm=2, split=1)
+    g3 = model.launch_terms("grads", gc.Case("step_grads", "sm_90", "bf16", True, 128, 784, 128, 10,
+                                             extra_hidden=(128,)), grads, 132, PEAK, "bf16")
+    assert g3["math"] == pytest.approx(2 * 128 * (784 * 128 + 128 * 128 + 128 * 10) / PEAK.flops["bf16"]
+                                       * 132 / 100 * 1e6)
+
+
+def test_the_course_table_covers_every_course_program():
+    """bench.model's course table: every program of bench.gpu_compile.COURSE (the regression with SGD and with
+    Adam) at its own batch and at COURSE_LARGE_ROWS, each mode, with kernels the program runs."""
+    table = model._course_cases("sm_90")
+    assert {row[0] for row in table} == set(gc.COURSE)
+    assert {(row[0], row[2]) for row in table if row[0].startswith("regression")} == {
+        (next(p for p in gc.COURSE if p.startswith("regression")), o) for o in ("sgd", "adam")}
+    for program, loss, optimizer, mode, c_rows, c_grads in table:
+        kernels = gc.COURSE[program][1]
+        assert c_rows.kernel in kernels and c_grads.kernel in kernels
+        assert (c_rows.kernel == "step_rows_mse") == (loss == "mse")
+        assert (c_grads.kernel == "step_grads_adam") == (optimizer == "adam")
+    assert {(r[0], r[2], r[4].n_rows, r[3]) for r in table} == {
+        (p, o, B, m) for p, _, _, _, o in [(s[0], 0, 0, 0, s[4]) for s in model.COURSE_STEPS]
+        for B in (gc.COURSE[p][0][0], gc.COURSE_LARGE_ROWS) for m in model.MODES}
