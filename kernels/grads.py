@@ -367,9 +367,11 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     (the train step, and its loss program) no more than fit one wave of ``resident`` programs per SM
     (:func:`resident_programs`), since a further wave of a few programs costs a whole chain (bf16 at 16384
     rows, hidden 128, one program per SM: S = 32 → 16, launch 2 14.5 → 9.8 µs predicted); with
-    ``tensor_cores`` too (TF32, 16-bit dtypes), not at all once the tiles fill half of the SMs (hidden 1024 in
-    TF32: 120 tiles of 64 columns, a launch bound by L2 where the partials only add traffic) — and no slice
-    longer than MAX_SLICE_ROWS (but for the wide tiles of one program per SM: past one wave the waves multiply
+    ``tensor_cores`` too (TF32, 16-bit dtypes), once the tiles fill half of the SMs, only that one wave (the
+    course's regression, 1000 → 100 → 10 at 16384 rows: 70 tiles of 16 columns, S = 1 → 3, launch 2 63.9 →
+    26.9 µs in bf16, 125.4 → 43.9 with Adam, 63.9 → 51.4 in TF32 predicted; it was not split at all, by a rule
+    made for 120 tiles of 64 columns at hidden 1024 in TF32, bound by L2, that now take 128 columns) — and no
+    slice longer than MAX_SLICE_ROWS (but for the wide tiles of one program per SM: past one wave the waves multiply
     back the chain that more slices shorten, and the partials only add traffic — bf16 at hidden 1024, 64 tiles:
     S = 16 → 2 at 65536 rows, launch 2 206.4 → 194.4 µs predicted, 4 → 2 at 16384, 52.5 → 51.1), none shorter
     than MIN_SLICE_ROWS, at most MAX_SPLIT (with a full grid the partials' traffic would cost more than the
@@ -380,11 +382,11 @@ def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int |
     sm_count = sms(device, sm_count)
     if sm_count is None:
         return 1
-    if n_tiles == 0 or n_tiles >= sm_count or (whole_waves and tensor_cores and 2 * n_tiles > sm_count):
+    if n_tiles == 0 or n_tiles >= sm_count:
         return 1
     fill = (resident * sm_count - 1) // n_tiles if whole_waves else triton.cdiv(2 * sm_count, n_tiles)
-    if whole_waves and resident == 1:  # one wave exactly: past it more slices only add partials (see above)
-        want = fill
+    if whole_waves and (resident == 1 or (tensor_cores and 2 * n_tiles > sm_count)):
+        want = fill  # one wave exactly: past it more slices only add partials (see above)
     else:
         want = max(fill, triton.cdiv(n_rows, MAX_SLICE_ROWS))
     return max(1, min(want, triton.cdiv(n_rows, MIN_SLICE_ROWS), MAX_SPLIT))

@@ -178,6 +178,11 @@ def test_how_many_slices():
     assert G.split_count(65536, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 2
     assert G.split_count(16384, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True, resident=1) == 2
     assert G.split_count(65536, 64, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 16  # 2 per SM
-    assert G.split_count(16384, 120, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 1  # hidden 1024
+    # tiles filling half of the SMs in TF32 / 16-bit dtypes: one wave of 2 per SM, no more (the course's
+    # regression at 16384 rows: 70 tiles, S = 3 — its reduction chain was 16384 rows long at S = 1)
+    assert G.split_count(16384, 70, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 3
+    assert G.split_count(16384, 120, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 2
+    assert G.split_count(16384, 70, cuda, sm_count=132, whole_waves=True) == 4  # fp32 IEEE: slices of 4096
+    assert G.split_count(16384, 132, cuda, sm_count=132, whole_waves=True, tensor_cores=True) == 1
     assert G.split_count(16384, 58, cuda, sm_count=108, whole_waves=True) == 4  # fp32 IEEE on an A100: FMA-bound
     assert G.split_count(16384, 104, cuda, sm_count=132) == 4  # a module's backward at 32 × 32 tiles
