@@ -333,6 +333,22 @@ def committed(device_name: str, root: Path | None = None) -> dict:
     return out
 
 
+def committed_course(device_name: str, root: Path | None = None) -> dict:
+    """The committed course-table predictions for a CUDA device of that name (else {}): ``{(program, optimizer,
+    B, mode): step µs}`` — what ``python -m bench.gpu_check`` puts beside its course timings."""
+    name = device_name.lower()
+    device = next((key for key in ("h200", "h100") if key in name), None)
+    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
+    if device is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] in gc.COURSE and cells[1] in ("sgd", "adam"):
+            out[(cells[0], cells[1], int(cells[2]), cells[3])] = float(cells[7])
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")

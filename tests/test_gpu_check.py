@@ -62,11 +62,24 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "N_IN", 32)
     monkeypatch.setattr(model, "committed", lambda name: {(40, 16, "fp32"): (1.0, 2.0, 3.0)})
+    from bench import gpu_compile as gc
+
+    fashion, regression, small = gc.COURSE  # the course's programs at tiny sizes, one stand-in prediction
+    monkeypatch.setattr(model, "committed_course", lambda name: {(regression, "adam", 24, "fp32"): 5.0})
+    shapes = {fashion: (8, 32, 16, 10, ()), regression: (6, 40, 12, 4, ()), small: (6, 20, 13, 3, (8,))}
     stages.stage_timings(report, cpu, seed=dict(impls=("eager", "pyfused", "fused_train_step"), batch=8,
                                                    dims=(32, 16, 10)),
                             launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)),
-                            wide=dict(batches=(8,), dtypes=("fp32",), dims=(32, 48, 10)))
+                            wide=dict(batches=(8,), dtypes=("fp32",), dims=(32, 48, 10)),
+                            course=dict(shapes=shapes, large=24, modes=("fp32",)))
     assert report.stages["timings"][0] == "pass", report.stages["timings"]
+    course = report.csv["timings_course"]
+    assert {(r["program"], r["optimizer"], r["batch"]) for r in course} == {
+        (p, o, b) for p, o in ((fashion, "sgd"), (regression, "sgd"), (regression, "adam"), (small, "sgd"))
+        for b in (shapes[p][0], 24)}
+    assert all(float(r["median_us"]) > 0 for r in course)
+    guessed = [r for r in course if "predicted_us" in r]
+    assert len(guessed) == 1 and guessed[0]["predicted_us"] == "5.00"
     seed = {r["impl"]: r for r in report.csv["timings_seed_step"]}
     assert set(seed) == {"eager", "pyfused", "fused_train_step"} and all(r["status"] == "ok" for r in seed.values())
     launches = report.csv["timings_launches"]
@@ -85,7 +98,7 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
     stages.stage_seed_job(report, cpu, epochs=1, extra=("--limit", "600"))
     assert report.stages["seed_job"][0] == "pass", report.stages["seed_job"]
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert "Seed step" in text and "speed ratio" in text
+    assert "Seed step" in text and "speed ratio" in text and "The course's programs" in text
 
 
 def test_the_committed_report_of_the_running_triton(monkeypatch):

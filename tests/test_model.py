@@ -108,6 +108,16 @@ def test_committed_predictions_are_read_for_the_gpu_check():
     launch1, launch2, step = rows[(128, 128, "bf16")]
     assert 0 < launch1 < step and 0 < launch2 < step and abs(launch1 + launch2 - step) < 0.11
     assert model.committed("CPU (x86_64)") == {} and model.committed("NVIDIA A100-SXM4-80GB") == {}
+    assert len(rows) == len(model.BATCHES) * len(model.HIDDEN) * len(model.MODES)  # not the course table's rows
+
+
+def test_committed_course_predictions_are_read_for_the_gpu_check():
+    """The course table's step predictions, by (program, optimizer, B, mode): every course step bench.model
+    prices, at its own batch and at COURSE_LARGE_ROWS."""
+    rows = model.committed_course("NVIDIA H200")
+    assert set(rows) == {(r[0], r[2], r[4].n_rows, r[3]) for r in model._course_cases("sm_90")}
+    assert all(v > 0 for v in rows.values())
+    assert model.committed_course("CPU (x86_64)") == {}
 
 
 def _rows(case, cfg, grid, mode):

@@ -272,6 +272,80 @@ def time_launches(report: Report, device: torch.device, batches=TIMING_BATCHES, 
     return rows
 
 
+def _course_step(shape, loss: str, optimizer: str, batch: int, dtype, device):
+    """A course program's FusedTrainStep as tests/test_course.py builds it, and one batch: NLL on a log_softmax
+    FusedMLP; MSE (sum) on a logits one; the small net's DeepFusedMLP (relu then sigmoid, bias on the output
+    only) with cross-entropy; FusedSGD with momentum or FusedAdam."""
+    _, n_in, hidden, out, extra = shape
+    torch.manual_seed(0)
+    if extra:
+        model = pyfused.DeepFusedMLP(n_in, hidden, *extra, out, activation=("relu", "sigmoid"),
+                                     bias=(False,) * (1 + len(extra)) + (True,), log_softmax=False)
+        kind = dict(loss="cross_entropy")
+    elif loss == "mse":
+        model, kind = pyfused.FusedMLP(n_in, hidden, out, log_softmax=False), dict(loss="mse", reduction="sum")
+    else:
+        model, kind = pyfused.FusedMLP(n_in, hidden, out), {}
+    model = model.to(device, dtype)
+    opt = (pyfused.FusedAdam(model.parameters(), lr=1e-4) if optimizer == "adam"
+           else pyfused.FusedSGD(model.parameters(), lr=1e-4, momentum=0.9))
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, n_in, device=device, generator=g).to(dtype)
+    t = (torch.randn(batch, out, device=device, generator=g).to(dtype) if loss == "mse"
+         else torch.randint(0, out, (batch,), device=device, generator=g))
+    return pyfused.FusedTrainStep(model, opt, **kind), x, t
+
+
+def course_points(shapes=None, large=None, modes=TIMING_DTYPES) -> list[tuple]:
+    """``(program, loss, optimizer, shape, batch, mode)`` of each course step to time: bench.model's
+    COURSE_STEPS (the regression with SGD and with Adam) at the program's own batch and at ``large`` rows
+    (COURSE_LARGE_ROWS), each mode. ``shapes``: {program: (rows, in, hidden, out, extra hidden)} instead of
+    bench.gpu_compile.COURSE's (tests: tiny sizes)."""
+    sys.path.insert(0, str(ROOT))
+    from bench import gpu_compile
+    from bench.model import COURSE_STEPS
+
+    shapes = shapes or {name: shape for name, (shape, _) in gpu_compile.COURSE.items()}
+    large = large or gpu_compile.COURSE_LARGE_ROWS
+    return [(program, loss, optimizer, shapes[program], batch, mode)
+            for program, _, _, loss, optimizer in COURSE_STEPS
+            for batch in dict.fromkeys((shapes[program][0], large)) for mode in modes]
+
+
+def time_course(report: Report, device: torch.device, points: list[tuple]) -> list[dict]:
+    """FusedTrainStep's whole call at each of :func:`course_points`, eager and captured, beside the roofline
+    (:func:`bench.model.work_roofline` for the program's widths, loss and optimizer) and bench.model's committed
+    course prediction."""
+    sys.path.insert(0, str(ROOT))
+    from bench import model as perf_model
+    from bench import roofline
+    from bench.cases import precision
+
+    peak = roofline.peak_for(report.stamp["device"]) if device.type == "cuda" else None
+    predicted = perf_model.committed_course(report.stamp["device"])  # {} but on the GPUs the model was run for
+    rows = []
+    for program, loss, optimizer, shape, batch, mode in points:
+        if report.out_of_time(reserve_s=0.2 * report.budget_s):
+            break
+        with precision(mode):
+            step, x, t = _course_step(shape, loss, optimizer, batch, DTYPES[mode], device)
+            step(x, t)
+            us = _do_bench(lambda: step(x, t))
+            row = dict(program=program, optimizer=optimizer, batch=batch, dtype=mode, median_us=f"{us:.2f}")
+            if device.type == "cuda":
+                step.capture(x, t)
+                row["captured_us"] = f"{_do_bench(lambda: step(x, t)):.2f}"
+            if peak:
+                bound = perf_model.work_roofline(batch, shape[2], mode, peak, n_in=shape[1], n_out=shape[3],
+                                                 extra_hidden=shape[4], loss=loss, optimizer=optimizer)
+                row.update(roofline_us=f"{bound:.2f}", x_roofline=f"{us / bound:.1f}")
+            guess = predicted.get((program, optimizer, batch, mode))
+            if guess:
+                row.update(_versus(us, guess))
+            rows.append(row)
+    return rows
+
+
 def _versus(measured_us: float, predicted_us: float) -> dict:
     """The model's prediction beside a measurement: predicted µs and measured / predicted."""
     return dict(predicted_us=f"{predicted_us:.2f}", measured_over_predicted=f"{measured_us / predicted_us:.2f}")
@@ -306,11 +380,24 @@ def stage_timings(report: Report, device: torch.device, **sizes) -> None:
     done = len({(r["batch"], r["hidden"], r["dtype"]) for r in launch_rows})
     if done < expected and status == "pass":
         status = "cut short (budget)"
+    points = course_points(**sizes.get("course", {}))
+    course_rows = time_course(report, device, points)
+    report.rows("timings_course", course_rows)
+    lines += ["", "The course's programs (bench.model's course table: bias as each program has it here, on every "
+              "layer there), FusedTrainStep's whole call, `do_bench` medians, eager and captured:", ""]
+    lines += table(["program", "optimizer", "B", "dtype", "median µs", "captured µs", "roofline µs", "× roofline",
+                    "predicted µs", "measured / predicted"],
+                   [[r["program"], r["optimizer"], r["batch"], r["dtype"], r["median_us"], r.get("captured_us", ""),
+                     r.get("roofline_us", ""), r.get("x_roofline", ""), r.get("predicted_us", ""),
+                     r.get("measured_over_predicted", "")] for r in course_rows])
+    if len(course_rows) < len(points) and status == "pass":
+        status = "cut short (budget)"
     best = next((r for r in seed_rows if r["impl"] == "fused_train_step_cudagraph" and r["median_us"]), None) or \
         next((r for r in seed_rows if r["impl"] == "fused_train_step" and r["median_us"]), None)
     summary = f"seed step {best['impl']} {best['median_us']} µs ({best['speedup_vs_eager']}× eager)" if best else \
         "no pyfused seed-step time"
-    report.set("timings", status, summary + f"; {done}/{expected} (B, hidden, dtype) points of the sweep", lines)
+    report.set("timings", status, summary + f"; {done}/{expected} (B, hidden, dtype) points of the sweep, "
+               f"{len(course_rows)}/{len(points)} course steps", lines)
 
 
 # ----------------------------------------------------------------------------------------------- 6. registers
