@@ -233,7 +233,11 @@ def rows_kernel(
                                  activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
 
 
-LARGE_BATCH = 16384  # rows from which the row kernel takes the tensor cores' 64- and 128-row tiles (TF32, 16-bit)
+LARGE_BATCH = 16384  # rows from which a module's forward takes the tensor cores' 64-row tiles (TF32, 16-bit)
+# and the train step's row pass its 64- and 128-row tiles from this many rows × last hidden features, and at least
+# STEP_LARGE_ROWS rows (rows_config)
+STEP_LARGE_WORK = 1 << 19
+STEP_LARGE_ROWS = 256
 
 
 def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
@@ -253,7 +257,8 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
       warps (16 past 256 outputs: 4 warps spill in fp32 IEEE), 2 stages (1 for float64 with at most 32 inputs,
       where the first layer is one K step);
-      from LARGE_BATCH rows and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
+      from STEP_LARGE_WORK rows × last hidden features (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512
+      at 1024, 256 from 2048 on) and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
       instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
       64 rows, with MSE or sigmoid: it keeps 16 too) —, and 128-row tiles in 16-bit dtypes for two layers with an
@@ -265,7 +270,13 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       ptxas; slices of 128 spill 8–128 B, 64 outputs 12 B with Triton 3.6, 128 outputs 56–80 B; launch 1 at
       65536 rows, hidden 1024: 557.6 → 553.4 µs predicted, no gain: x is re-read once per slice, so halving the
       slices gives back what the taller tiles save on the weights — kept, as it compiles clean and runs half
-      the waves; an earlier model that read x once predicted 413.7 → 245.1);
+      the waves; an earlier model that read x once predicted 413.7 → 245.1). Below 16384 rows the 16-row tiles
+      re-read the weights every 16 rows, and the hidden split (G programs per row block) fills the SMs the fewer
+      row blocks leave idle: at hidden 1024 the step is predicted 52.3 → 36.4 µs in TF32 and 30.3 → 19.2 in bf16
+      at 1024 rows, 197.3 → 133.0 and 100.7 → 63.5 at 4096, 248.9 → 118.5 and 127.1 → 56.1 at 8192 (which
+      the 16-row tiles made slower than 16384 rows); at hidden 128, 28.5 → 20.5 and 16.5 → 13.7 at 4096 rows.
+      Below the threshold they lose (hidden 128 at 2048 rows in bf16: 10.4 → 10.8; hidden 512 at 512 rows:
+      10.1 → 10.5; 128 rows at hidden 4096 in TF32: 28.4 → 34.1);
     - backward only (a module's backward): 16 rows, slices as the forward's, 8 warps, 2 stages.
 
     ``loss="mse"`` (the squared error's target tile beside the logits) changes warps, K steps, stages only, never the
@@ -285,7 +296,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     half = dtype.itemsize == 2
     mse = loss == "mse"  # the squared error's target tile beside the logits (docstring)
     aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
-    large = forward and n_rows >= LARGE_BATCH and (half or precision == "tf32") and not wide
+    enough = (n_rows >= STEP_LARGE_ROWS and n_rows * widths[-2] >= STEP_LARGE_WORK if backward
+              else n_rows >= LARGE_BATCH)
+    large = forward and enough and (half or precision == "tf32") and not wide
 
     def large_tiles(block_h, block_m=64):  # from LARGE_BATCH rows, with a forward: the tensor cores' tiles
         return dict(BLOCK_M=block_m, BLOCK_K=dot_block(widths[0], 64 if half else 32), BLOCK_H=block_h,
@@ -453,6 +466,10 @@ def rows(x, weights, biases, activations, *, head="log_softmax", loss="none", ta
                          f"got {tuple(row_partials.shape)}{'' if backward else ' without dpres'}")
     groups, group_cols = _groups(split, n_blocks, widths, x, cfg, forward, backward, precision, sm_count)
     parts = counters = any_buffer
+    if groups > 1 and config is None and cfg["BLOCK_M"] >= 128 and x.dtype.itemsize == 2:
+        # the split's 128-row 16-bit tiles: K steps of 32 (64 spilled 4-8 B at 1024 x 784 -> 1024 -> 10, sigmoid,
+        # no bias, on sm_80 with Triton 3.6's ptxas)
+        cfg = dict(cfg, BLOCK_K=dot_block(widths[0], 32))
     if groups > 1:
         parts = torch.empty(n_blocks * groups * cfg["BLOCK_M"] * (cfg["BLOCK_OUT"] + 1), device=x.device,
                             dtype=torch.promote_types(x.dtype, torch.float32))

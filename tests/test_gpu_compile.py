@@ -50,6 +50,13 @@ LARGE = [  # the train step's and a module forward's 64- and 128-row tiles (TF32
     for bias, B, hidden, out, act in ((True, 65536, 1024, 10, "relu"), (True, 16384, 48, 128, "relu"),
                                       (False, 16384, 128, 10, "sigmoid"))
 ]
+STEP_WORK = [  # the train step's 128-row tiles below 16384 rows (rows_config: from STEP_LARGE_WORK rows × hidden
+    # features), with the hidden split where the row blocks leave SMs idle (K steps of 32 in 16-bit dtypes then)
+    gc.Case(kernel, arch, mode, bias, B, 784, hidden, 10, activation=act)
+    for kernel in ("step_rows", "step_rows_mse") for arch in gc.ARCHS for mode in ("tf32", "bf16")
+    for bias, B, hidden, act in ((True, 512, 1024, "relu"), (False, 1024, 1024, "sigmoid"),
+                                 (True, 4096, 128, "sigmoid"))
+]
 PARTIALS = [  # the train step's last-layer row partials (large-batch tiles): made in launch 1, summed in launch 2
     gc.Case(kernel, arch, mode, True, 16384, 784, 128, 10)
     for kernel in ("step_rows", "step_grads", "step_accumulate")
@@ -91,15 +98,17 @@ RESPILLS = [  # launches that spilled 4-96 B at the configs before this list, wi
     gc.Case("forward_mse", "sm_80", "tf32", True, 1, 16, 16, 2),
     gc.Case("forward_mse", "sm_80", "tf32", True, 65536, 784, 128, 10),
     gc.Case("forward_mse", "sm_90", "fp64", True, 64, 1000, 100, 10, activation="sigmoid"),
+    gc.Case("step_rows", "sm_80", "bf16", False, 1024, 784, 1024, 10, activation="sigmoid"),  # hidden split, K 64
+    gc.Case("step_rows_mse", "sm_80", "fp16", False, 1024, 784, 1024, 10, activation="sigmoid"),
 ]
 # The GPU machine's stack (Triton older than 3.8, CI's second stack) compiles the default set for that machine's GPU
 # only (an H200, sm_90): the development stack compiles it for both architectures, and the older stack's cold
 # compiles for sm_80 cost CI minutes it does not have (CI ran 1261 s with both, over its 20 minutes).
 DEFAULT_ARCHS = ("sm_90",) if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 8) else tuple(gc.ARCHS)
-SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE = (
+SEED, OTHERS, SAMPLE, SPLIT, LARGE, STEP_WORK, PARTIALS, HSPLIT, COURSE_LARGE, MSE = (
     [c for c in cases if c.arch in DEFAULT_ARCHS]
-    for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, PARTIALS, HSPLIT, COURSE_LARGE, MSE))
-DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + PARTIALS + HSPLIT + COURSE_LARGE + MSE + RESPILLS
+    for cases in (SEED, OTHERS, SAMPLE, SPLIT, LARGE, STEP_WORK, PARTIALS, HSPLIT, COURSE_LARGE, MSE))
+DEFAULT = SEED + OTHERS + SAMPLE + SPLIT + LARGE + STEP_WORK + PARTIALS + HSPLIT + COURSE_LARGE + MSE + RESPILLS
 EVERY = [c for c in gc.seed_cases(tuple(gc.ALL_KERNELS)) + gc.seed_cases(tuple(gc.ALL_KERNELS), depth=3)
          + gc.course_cases() + gc.course_cases(n_rows=gc.COURSE_LARGE_ROWS)
          if c not in set(DEFAULT)]
@@ -154,6 +163,21 @@ def test_large_batches_take_tensor_core_row_tiles(case, default_results):
     assert (config["BLOCK_M"], config["num_warps"]) == (128 if tall else 64, 8), config
     if tall and case.mode == "tf32":
         assert config["BLOCK_H"] == 64, config
+    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, result
+
+
+@pytest.mark.parametrize("case", STEP_WORK, ids=str)
+def test_the_train_step_takes_tensor_core_row_tiles_from_enough_work(case, default_results):
+    """Below 16384 rows the train step's row pass takes its 128-row tiles where rows × hidden features reach
+    STEP_LARGE_WORK, and the hidden split where those row blocks leave SMs idle (hidden 1024 at 512 and 1024
+    rows: 4 and 8 blocks), with K steps of 32 in 16-bit dtypes then; none spills."""
+    result = default_results[case]
+    config = result["config"]
+    assert (config["BLOCK_M"], config["num_warps"]) == (128, 8), config
+    if case.n_hidden == 1024:
+        assert config["HSPLIT"], config
+    if config["HSPLIT"] and case.mode != "tf32":
+        assert config["BLOCK_K"] == 32, config
     assert result["spill_stores"] == 0 and result["spill_loads"] == 0, result
 
 

@@ -319,3 +319,23 @@ def test_the_row_pass_twin_against_autograd(loss, activation):
     block = CONFIG["BLOCK_M"]
     sums = [torch.stack([v[i:i + block].sum() for i in range(0, B, block)]) for v in (rows_loss.detach(), counted)]
     torch.testing.assert_close(ref["stats"], torch.stack(sums, 1))
+
+
+def test_the_train_steps_large_tiles_from_enough_rows_times_hidden_features():
+    """The train step's row pass takes its tensor-core tiles from STEP_LARGE_WORK rows × last hidden features
+    (and STEP_LARGE_ROWS rows): 4096 rows at hidden 128, 512 at 1024, 256 at 4096 — where bench.model predicts
+    the step faster than with 16-row tiles; a module's forward from LARGE_BATCH rows as before."""
+    def block_m(n_rows, widths, dtype=torch.bfloat16, backward=True, precision="ieee"):
+        return R.rows_config(n_rows, widths, dtype, forward=True, backward=backward, precision=precision)["BLOCK_M"]
+
+    assert (block_m(4095, (784, 128, 10)), block_m(4096, (784, 128, 10))) == (16, 128)
+    assert (block_m(511, (784, 1024, 10)), block_m(512, (784, 1024, 10))) == (16, 128)
+    assert (block_m(4095, (784, 128, 10), torch.float32, precision="tf32"),
+            block_m(4096, (784, 128, 10), torch.float32, precision="tf32")) == (16, 128)
+    assert (block_m(128, (784, 4096, 10)), block_m(256, (784, 4096, 10))) == (16, 128)  # at least 256 rows
+    assert block_m(4096, (784, 128, 128, 10)) == 64  # three layers: 64-row tiles, keyed on the last hidden layer
+    assert block_m(4096, (784, 128, 10), torch.float32) == 16  # fp32 IEEE: never
+    assert block_m(16384, (1000, 100, 10)) == 16  # unaligned hidden widths: never
+    assert (block_m(8192, (784, 128, 10), backward=False), block_m(16384, (784, 128, 10), backward=False)) == (32, 64)
+    assert R.row_partials_pay(4096, (784, 128, 10), torch.bfloat16)  # with the large tiles, the row partials
+    assert not R.row_partials_pay(4095, (784, 128, 10), torch.bfloat16)
