@@ -274,7 +274,8 @@ def check_large_batch(v: Variant, device) -> list[dict]:
     dtypes at the seed's widths), the split update, its 128-column tiles updated in parts (``EPILOGUE_N``) and the
     last layer's row partials (``rows.row_partials_pay``), and at :data:`LARGE_WIDTHS` the small tiles that
     unaligned widths keep —, and :func:`check_engine_steps` (Adam's 128-column tiles, in parts of 32) at the
-    seed's widths (CUDA only); 64 rows on the interpreter."""
+    seed's widths and check_training at 1024 rows, hidden 1024 (128-row tiles with the hidden split; CUDA only);
+    64 rows on the interpreter."""
     rows = 16384 if device.type == "cuda" else 64
     out = []
     for widths in (tuple(v.shape[1:]), LARGE_WIDTHS["cuda" if device.type == "cuda" else "cpu"]):
@@ -282,6 +283,9 @@ def check_large_batch(v: Variant, device) -> list[dict]:
         out += [dict(r, check=f"{r['check']}, {rows} × {'→'.join(map(str, widths))}") for r in got]
     if device.type != "cuda":  # the interpreter runs check_engine_steps at the variant's own rows already
         return out
+    # the 128-row tiles below 16384 rows with the hidden split and the row partials (rows × hidden ≥ 2^19)
+    got = check_training(dataclasses.replace(v, shape=(1024, v.shape[1], 1024, v.shape[3])), device, steps=3)
+    out += [dict(r, check=f"{r['check']}, 1024 × {v.shape[1]}→1024→{v.shape[3]}") for r in got]
     got = check_engine_steps(dataclasses.replace(v, shape=(rows, *v.shape[1:])), device, steps=3)
     return out + [dict(r, check=f"{r['check']}, {rows} rows") for r in got]
 
