@@ -316,37 +316,31 @@ def write(device: str, rows: list[dict], out: Path, course: list[dict] = ()) -> 
     return path
 
 
+def _committed_rows(device_name: str, root: Path | None) -> list[list[str]]:
+    """The cells of every table row of the committed ``bench/results/model/<device>.md`` for a CUDA device of
+    that name (H200, H100; else none)."""
+    device = next((key for key in ("h200", "h100") if key in device_name.lower()), None)
+    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
+    if device is None or not path.exists():
+        return []
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+
+
 def committed(device_name: str, root: Path | None = None) -> dict:
     """The committed predictions for a CUDA device of that name (H200, H100; else {}): ``{(B, hidden, mode):
     (launch 1 µs, launch 2 µs, step µs)}`` of the "after" rows of ``bench/results/model/<device>.md`` — what
     ``python -m bench.gpu_check`` puts beside its measurements."""
-    name = device_name.lower()
-    device = next((key for key in ("h200", "h100") if key in name), None)
-    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
-    if device is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 10 and cells[3] == "after":
-            out[(int(cells[0]), int(cells[1]), cells[2])] = tuple(float(cells[i].split()[0]) for i in (5, 6, 7))
-    return out
+    return {(int(cells[0]), int(cells[1]), cells[2]): tuple(float(cells[i].split()[0]) for i in (5, 6, 7))
+            for cells in _committed_rows(device_name, root) if len(cells) >= 10 and cells[3] == "after"}
 
 
 def committed_course(device_name: str, root: Path | None = None) -> dict:
     """The committed course-table predictions for a CUDA device of that name (else {}): ``{(program, optimizer,
     B, mode): step µs}`` — what ``python -m bench.gpu_check`` puts beside its course timings."""
-    name = device_name.lower()
-    device = next((key for key in ("h200", "h100") if key in name), None)
-    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
-    if device is None or not path.exists():
-        return {}
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0] in gc.COURSE and cells[1] in ("sgd", "adam"):
-            out[(cells[0], cells[1], int(cells[2]), cells[3])] = float(cells[7])
-    return out
+    return {(cells[0], cells[1], int(cells[2]), cells[3]): float(cells[7])
+            for cells in _committed_rows(device_name, root)
+            if len(cells) == 10 and cells[0] in gc.COURSE and cells[1] in ("sgd", "adam")}
 
 
 def main(argv=None) -> None:
