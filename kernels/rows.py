@@ -238,6 +238,7 @@ LARGE_BATCH = 16384  # rows from which a module's forward takes the tensor cores
 # STEP_LARGE_ROWS rows (rows_config)
 STEP_LARGE_WORK = 1 << 19
 STEP_LARGE_ROWS = 256
+SPLIT_UNALIGNED_ROWS = 256  # up to here the train step's unaligned float32 hidden layers (the course's 100) split
 
 
 def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
@@ -256,7 +257,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
       warps (16 past 256 outputs: 4 warps spill in fp32 IEEE), 2 stages (1 for float64 with at most 32 inputs,
-      where the first layer is one K step);
+      where the first layer is one K step); up to SPLIT_UNALIGNED_ROWS rows in fp32 IEEE, an unaligned hidden
+      layer of 65–128 features (the course's regression) two slices of 64, K steps of 32, 3 stages, for the
+      hidden split to share (the course's 64 rows: launch 1 9.8 → 6.4 µs, the step 12.2 → 8.8 predicted);
       from STEP_LARGE_WORK rows × last hidden features (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512
       at 1024, 256 from 2048 on) and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
@@ -310,6 +313,13 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
             # hidden slices of 64)
             tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
             return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
+        if (dtype == torch.float32 and precision == "ieee" and not aligned and len(widths) == 3
+                and 64 < hidden <= 128 and n_rows <= SPLIT_UNALIGNED_ROWS and block_out <= 16):
+            # the course's regression (1000 -> 100 -> 10) at small B in fp32 IEEE: two hidden slices of 64 for
+            # the hidden split to share (G = 2: twice the SMs), K steps of 32, 3 stages (2 spilled 12 B on
+            # sm_90; TF32 spilled 12-20 B at some batch sizes with either: it keeps the slice of 128)
+            return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], 32), BLOCK_H=64, BLOCK_OUT=block_out,
+                        num_warps=8, num_stages=3)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)
             block_k = 32
         elif not half and (not aligned or precision != "tf32" and (block_out >= 256 or mse and len(widths) > 3)):

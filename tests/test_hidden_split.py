@@ -87,6 +87,39 @@ def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, 
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch leaves them at 0
 
 
+@pytest.mark.parametrize("loss,activation,bias", [("class", "relu", True), ("mse", "sigmoid", False)])
+def test_the_unaligned_float32_split_tiles_match_float64(kernels, loss, activation, bias):
+    """The train step's tiles for an unaligned hidden layer of 65-128 features in fp32 IEEE at small B (the
+    course's regression, 1000 → 100 → 10 at 64 rows; here 40 × 24 → 100 → 5): two slices of 64 (the last ragged),
+    K steps of 32, 3 stages — what rows_config gives — split in G = 2: every output against float64, bit
+    identical twice."""
+    config = R.rows_config(B, (N_IN, HIDDEN, N_OUT), torch.float32, forward=True, backward=True, loss=loss)
+    assert (config["BLOCK_H"], config["BLOCK_K"], config["num_stages"]) == (64, 32, 3)
+    net = _net(torch.float32, bias)
+    ours, seen = _rows(*net[:3], activation, loss, *net[3:], 2, "step", config)
+    exact = _exact(*net[:3], activation, loss, *net[3:])
+    assert seen[0].kwargs["HSPLIT"] and seen[0].grid == (triton.cdiv(B, 16) * 2,)
+    for name, value in ours.items():
+        torch.testing.assert_close(value.double(), exact[name], **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+    again, _ = _rows(*net[:3], activation, loss, *net[3:], 2, "step", config)
+    assert all(torch.equal(ours[name], again[name]) for name in ours)
+
+
+def test_the_course_regression_takes_two_slices_at_small_batches():
+    """fp32 IEEE, 1000 → 100 → 10: slices of 64 up to SPLIT_UNALIGNED_ROWS rows (the hidden split then gives
+    twice the SMs: launch 1 9.8 → 6.4 µs predicted at 64 rows on an H200), one slice of 128 past them, in TF32
+    (which spilled), for aligned widths and for module forwards."""
+    f32 = torch.float32
+    cfg = lambda rows, widths=(1000, 100, 10), precision="ieee", backward=True: R.rows_config(  # noqa: E731
+        rows, widths, f32, forward=True, backward=backward, precision=precision)
+    assert (cfg(64)["BLOCK_H"], cfg(R.SPLIT_UNALIGNED_ROWS)["BLOCK_H"], cfg(R.SPLIT_UNALIGNED_ROWS + 1)["BLOCK_H"]) \
+        == (64, 64, 128)
+    assert cfg(64, precision="tf32")["BLOCK_H"] == 128 and cfg(64, (784, 128, 10))["BLOCK_H"] == 128
+    assert cfg(64, (20, 13, 8, 3))["BLOCK_H"] == 16 and cfg(64, backward=False)["BLOCK_H"] == 32
+    cuda = torch.device("cuda")
+    assert R.hidden_split(4, 2, cuda, sm_count=132, tensor_cores=False) == 2  # 64 rows: 4 blocks, G = 2
+
+
 @pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_large_batch_row_tiles_match_float64(kernels, dtype, block_m):
