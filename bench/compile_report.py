@@ -50,11 +50,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def table_rows(text: str) -> list[list[dict]]:
-    """The tables of a report :func:`render` wrote, in order (the seed shape's first), each a list of rows keyed
-    by the header's column names."""
-    tables, header = [], None
-    for line in text.splitlines():
+def _row_slots(lines: list[str]) -> list[tuple[int, int, list[str], dict]]:
+    """``(line index, table index, header, row)`` of every data row of a report's tables, in order."""
+    slots, header, table = [], None, -1
+    for i, line in enumerate(lines):
         if line.startswith("|---"):
             continue
         if not line.startswith("| "):
@@ -62,10 +61,19 @@ def table_rows(text: str) -> list[list[dict]]:
             continue
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if header is None:
-            header = cells
-            tables.append([])
+            header, table = cells, table + 1
         else:
-            tables[-1].append(dict(zip(header, cells)))
+            slots.append((i, table, header, dict(zip(header, cells))))
+    return slots
+
+
+def table_rows(text: str) -> list[list[dict]]:
+    """The tables of a report :func:`render` wrote, in order (the seed shape's first), each a list of rows keyed
+    by the header's column names."""
+    tables = []
+    for _, table, _, row in _row_slots(text.splitlines()):
+        tables.extend([] for _ in range(table + 1 - len(tables)))
+        tables[table].append(row)
     return tables
 
 
@@ -138,6 +146,48 @@ def render(arch: gc.Arch, seed: dict, deep: dict, course: dict, course_large: di
     return "\n".join(lines) + "\n"
 
 
+def launch_cells(case) -> tuple[str, str]:
+    """The config and grid cells the launcher's launch of ``case`` has now (captured: nothing is compiled)."""
+    launch = gc.capture(case)
+    return config_text(launch.kwargs), str(launch.grid[0])
+
+
+def refresh(path: Path, arch: str, workers: int | None = None, cache: Path | None = None) -> list:
+    """Recompile, in place, the rows of the committed report at ``path`` whose launch (config, grid) is no longer
+    the one the launchers choose, and rewrite its summary line; the other rows stay as they were compiled. The
+    report must list the cases :func:`report_sets` gives now, in order (else regenerate it whole). Returns the
+    cases recompiled."""
+    expected = [c for cases in report_sets((arch,)).values() for c in dict.fromkeys(cases)]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    slots = _row_slots(lines)
+    if len(slots) != len(expected):
+        raise ValueError(f"{path}: {len(slots)} rows, the report compiles {len(expected)} cases now: regenerate "
+                         "it (python -m bench.compile_report)")
+    stale = []
+    for (i, _, header, row), case in zip(slots, expected):
+        if row.get("kernel", "").split(" ")[0] != case.kernel or row.get("mode") != case.mode:
+            raise ValueError(f"{path}: row {row} is not {case}: regenerate the report")
+        if (row["config"], row["grid"]) != launch_cells(case):
+            stale.append((i, header, row, case))
+    results = gc.compile_cases([case for *_, case in stale], workers, cache) if stale else {}
+    for i, header, row, case in stale:
+        result = results[case]
+        new = dict(row, config=config_text(result["config"]), grid=str(result["grid"][0]))
+        new.update(zip(("regs", "spill", "shared", "blocks/SM", "occ.", "note"), _cells(result)))
+        lines[i] = "| " + " | ".join(new[key] for key in header) + " |"
+    every = dict(zip(expected, (row for _, _, _, row in _row_slots(lines))))  # distinct launches, as render()
+    failed = sum("**failed**" in row.get("note", "") for row in every.values())
+    spilled = [case for case, row in every.items() if row["spill"].startswith("**")]
+    summary = next(i for i, line in enumerate(lines) if line.startswith("Summary: "))
+    lines[summary] = (f"Summary: {len(every)} launches, {failed} failed to compile, {len(spilled)} spill"
+                      + (": " + ", ".join(f"`{c}`" for c in spilled[:40]) if spilled else "") + "."
+                      + (" Rows whose launch changed since were recompiled by `python -m bench.compile_report "
+                         f"--refresh` (last: {len(stale)} rows on {datetime.date.today().isoformat()}, triton "
+                         f"{version('triton')})." if stale else lines[summary].partition(".")[2].rstrip()))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [case for *_, case in stale]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", choices=tuple(gc.ARCHS), default=list(gc.ARCHS))
@@ -145,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-sweep", action="store_true", help="the seed shape only")
     p.add_argument("--workers", type=int, help="parallel compiles (default: the CPU count)")
     p.add_argument("--cache", type=Path, help="result cache (default: PYFUSED_COMPILE_CACHE or the temp dir)")
+    p.add_argument("--refresh", action="store_true",
+                   help="recompile only the rows of the reports in --out whose launch changed (refresh())")
     return p.parse_args(argv)
 
 
@@ -159,6 +211,11 @@ def report_sets(archs, sweep: bool = True) -> dict[str, list]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.refresh:
+        for name in args.arch:
+            done = refresh(args.out / f"{name}.md", name, args.workers, args.cache)
+            print(f"{args.out / f'{name}.md'}: {len(done)} rows recompiled")
+        return 0
     sets = report_sets(args.arch, sweep=not args.no_sweep)
     results = gc.compile_cases(list(dict.fromkeys(c for cases in sets.values() for c in cases)), args.workers,
                                args.cache)

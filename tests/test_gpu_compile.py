@@ -23,7 +23,7 @@ import torch
 import triton
 
 from bench import gpu_compile as gc
-from bench.compile_report import SWEEP_KERNELS, config_text, report_sets, table_rows
+from bench.compile_report import SWEEP_KERNELS, launch_cells, refresh, report_sets, table_rows
 
 SEED = gc.seed_cases() + gc.seed_cases(gc.DEEP_KERNELS, depth=3)
 OTHERS = [c for c in gc.seed_cases(tuple(k for k in gc.ALL_KERNELS if k not in gc.SEED_KERNELS), ("sm_90",))
@@ -318,10 +318,7 @@ REPORTS = sorted((Path(gc.__file__).resolve().parent / "results" / "compile").gl
 assert len(REPORTS) == 4, REPORTS  # each Triton's folder (3.8 at the top, triton-3.6), sm_80 and sm_90
 
 
-@functools.lru_cache(maxsize=None)
-def _launch_cells(case) -> tuple[str, str]:
-    launch = gc.capture(case)
-    return config_text(launch.kwargs), str(launch.grid[0])
+_launch_cells = functools.lru_cache(maxsize=None)(launch_cells)  # sm_80's and sm_90's cases, in both reports
 
 
 def _identity(case, row: dict) -> dict:
@@ -345,3 +342,27 @@ def test_the_committed_compile_reports_have_the_launchers_configs(path):
         want = _identity(case, row)
         assert {key: row[key] for key in want} == want, f"{path}: {case} is not the report's row {row}"
         assert (row["config"], row["grid"]) == _launch_cells(case), f"{path}: {case} is stale: {row}"
+
+
+def test_refresh_recompiles_only_the_stale_rows(tmp_path):
+    """``python -m bench.compile_report --refresh``: in a copy of the committed sm_90 report with one row made
+    stale (its grid and resources edited), that row alone is recompiled — the launcher's grid back, the
+    resources of a real compile — and every other line but the summary is left as it was."""
+    path = tmp_path / "sm_90.md"
+    lines = (REPORTS[0].parent / "sm_90.md").read_text(encoding="utf-8").splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("| forward_loss | fp32 | yes |"))
+    cells = lines[i].split(" | ")
+    edited = list(cells)
+    edited[4], edited[5] = "999999", "1"  # grid, regs
+    path.write_text("\n".join(lines[:i] + [" | ".join(edited)] + lines[i + 1:]) + "\n", encoding="utf-8")
+    done = refresh(path, "sm_90", workers=1)
+    assert [str(c) for c in done] == ["forward_loss-sm_90-fp32-bias-128x784x128x10"]
+    after = path.read_text(encoding="utf-8").splitlines()
+    new = after[i].split(" | ")
+    assert new[4] == cells[4] and int(new[5]) > 1 and new[6] == "0/0"
+    summary = next(k for k, line in enumerate(lines) if line.startswith("Summary: "))
+    assert [a for k, a in enumerate(after) if k not in (i, summary)] == [
+        b for k, b in enumerate(lines) if k not in (i, summary)]
+    counts = lambda line: line.split(". ")[0]  # noqa: E731  ("Summary: N launches, F failed to compile, S spill")
+    assert counts(after[summary]) == counts(lines[summary]) and "--refresh` (last: 1 rows" in after[summary]
+    assert refresh(path, "sm_90") == []  # nothing stale now
