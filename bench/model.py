@@ -304,8 +304,8 @@ def write(device: str, rows: list[dict], out: Path, course: list[dict] = ()) -> 
                   "Each program's step at its own batch and at "
                   f"{gc.COURSE_LARGE_ROWS} rows: its widths, loss (NLL or MSE on the logits) and optimizer (SGD "
                   "with momentum, or Adam: two state tensors), the roofline `bench.roofline.work` gives for them. "
-                  "Bias on every layer (the small net has it on the output only: its roofline and launches differ "
-                  "by the hidden layers' 21 biases).", "",
+                  "Bias on every layer (the course's fashion-MNIST fit has none and the small net has it on the "
+                  "output only: their rooflines and launches differ by those biases).", "",
                   "| program | optimizer | B | mode | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | "
                   "step µs | roofline µs | step / roofline |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in course:

@@ -260,8 +260,9 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       where the first layer is one K step); up to SPLIT_UNALIGNED_ROWS rows in fp32 IEEE, an unaligned hidden
       layer of 65–128 features (the course's regression) two slices of 64, K steps of 32, 3 stages, for the
       hidden split to share (the course's 64 rows: launch 1 9.8 → 6.4 µs, the step 12.2 → 8.8 predicted);
-      from STEP_LARGE_WORK rows × last hidden features (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512
-      at 1024, 256 from 2048 on) and for hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
+      from LARGE_BATCH rows — for the 128-row tiles below (two layers) from STEP_LARGE_WORK rows × hidden
+      features too (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512 at 1024, 256 from 2048 on) — and for
+      hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
       instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
       64 rows, with MSE or sigmoid: it keeps 16 too) —, and 128-row tiles in 16-bit dtypes for two layers with an
@@ -275,7 +276,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       slices gives back what the taller tiles save on the weights — kept, as it compiles clean and runs half
       the waves; an earlier model that read x once predicted 413.7 → 245.1). Below 16384 rows the 16-row tiles
       re-read the weights every 16 rows, and the hidden split (G programs per row block) fills the SMs the fewer
-      row blocks leave idle: at hidden 1024 the step is predicted 52.3 → 36.4 µs in TF32 and 30.3 → 19.2 in bf16
+      row blocks leave idle: at hidden 1024 the step is predicted 52.3 → 36.4 µs in TF32 and 30.3 → 20.6 in bf16
       at 1024 rows, 197.3 → 133.0 and 100.7 → 63.5 at 4096, 248.9 → 118.5 and 127.1 → 56.1 at 8192 (which
       the 16-row tiles made slower than 16384 rows); at hidden 128, 28.5 → 20.5 and 16.5 → 13.7 at 4096 rows.
       Below the threshold they lose (hidden 128 at 2048 rows in bf16: 10.4 → 10.8; hidden 512 at 512 rows:
@@ -299,8 +300,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     half = dtype.itemsize == 2
     mse = loss == "mse"  # the squared error's target tile beside the logits (docstring)
     aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
-    enough = (n_rows >= STEP_LARGE_ROWS and n_rows * widths[-2] >= STEP_LARGE_WORK if backward
-              else n_rows >= LARGE_BATCH)
+    # 128-row tiles (the train step at two layers): from rows × hidden features as well as from LARGE_BATCH rows
+    tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
+    enough = n_rows >= LARGE_BATCH or (backward and tall and n_rows >= STEP_LARGE_ROWS
+                                       and n_rows * widths[-2] >= STEP_LARGE_WORK)
     large = forward and enough and (half or precision == "tf32") and not wide
 
     def large_tiles(block_h, block_m=64):  # from LARGE_BATCH rows, with a forward: the tensor cores' tiles
@@ -311,7 +314,6 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         block_h = dot_block(hidden, max(16, min(128, 4096 // block_out)))
         if large and aligned:  # 128 rows for two layers, an aligned input and at most 128 outputs (TF32: 32, and
             # hidden slices of 64)
-            tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
             return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
         if (dtype == torch.float32 and precision == "ieee" and not aligned and len(widths) == 3
                 and 64 < hidden <= 128 and n_rows <= SPLIT_UNALIGNED_ROWS and block_out <= 16):
@@ -402,7 +404,8 @@ def hidden_split(n_blocks: int, n_slices: int, device: torch.device, sm_count: i
     slice. With ``tensor_cores`` (TF32, 16-bit dtypes) only while the blocks occupy at most a quarter of the SMs:
     past that the launch is bound by L2 (each block streams the whole of w_1) and the split's extra traffic (x
     read by each of the G programs, the partials) would cost more than its shorter chain brings (B = 1024, hidden
-    1024, TF32: 26.5 → 26.9 µs predicted at G = 2; bf16 would gain, 16.4 → 14.5); FMA-bound fp32 IEEE splits
+    1024, TF32, in 16-row tiles — the train step takes 128-row ones there now —: 26.5 → 26.9 µs predicted at
+    G = 2; bf16 would gain, 16.4 → 14.5); FMA-bound fp32 IEEE splits
     while the blocks leave half of the SMs idle. Each of a block's G programs makes ``⌈n_slices / G⌉`` slices
     and their logit partials; the last to arrive sums the partials in group order
     (:func:`pyfused.kernels.gemm.split_reduce`) and runs the head, the loss and the backward rows for all of the

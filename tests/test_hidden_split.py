@@ -90,9 +90,9 @@ def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, 
 @pytest.mark.parametrize("loss,activation,bias", [("class", "relu", True), ("mse", "sigmoid", False)])
 def test_the_unaligned_float32_split_tiles_match_float64(kernels, loss, activation, bias):
     """The train step's tiles for an unaligned hidden layer of 65-128 features in fp32 IEEE at small B (the
-    course's regression, 1000 → 100 → 10 at 64 rows; here 40 × 24 → 100 → 5): two slices of 64 (the last ragged),
-    K steps of 32, 3 stages — what rows_config gives — split in G = 2: every output against float64, bit
-    identical twice."""
+    course's regression, 1000 → 100 → 10 at 64 rows; here 40 × 24 → 100 → 5): two slices of 64 (the last
+    ragged), K steps of 32, 3 stages — what rows_config gives — split in G = 2: every output against float64,
+    bit identical twice."""
     config = R.rows_config(B, (N_IN, HIDDEN, N_OUT), torch.float32, forward=True, backward=True, loss=loss)
     assert (config["BLOCK_H"], config["BLOCK_K"], config["num_stages"]) == (64, 32, 3)
     net = _net(torch.float32, bias)
@@ -355,9 +355,10 @@ def test_the_row_pass_twin_against_autograd(loss, activation):
 
 
 def test_the_train_steps_large_tiles_from_enough_rows_times_hidden_features():
-    """The train step's row pass takes its tensor-core tiles from STEP_LARGE_WORK rows × last hidden features
-    (and STEP_LARGE_ROWS rows): 4096 rows at hidden 128, 512 at 1024, 256 at 4096 — where bench.model predicts
-    the step faster than with 16-row tiles; a module's forward from LARGE_BATCH rows as before."""
+    """The train step's row pass takes its 128-row tensor-core tiles (two layers) from STEP_LARGE_WORK rows × hidden
+    features (and STEP_LARGE_ROWS rows): 4096 rows at hidden 128, 512 at 1024, 256 at 4096 — where bench.model
+    predicts the step faster than with 16-row tiles —, and every large tile from LARGE_BATCH rows, as a module's
+    forward."""
     def block_m(n_rows, widths, dtype=torch.bfloat16, backward=True, precision="ieee"):
         return R.rows_config(n_rows, widths, dtype, forward=True, backward=backward, precision=precision)["BLOCK_M"]
 
@@ -366,7 +367,11 @@ def test_the_train_steps_large_tiles_from_enough_rows_times_hidden_features():
     assert (block_m(4095, (784, 128, 10), torch.float32, precision="tf32"),
             block_m(4096, (784, 128, 10), torch.float32, precision="tf32")) == (16, 128)
     assert (block_m(128, (784, 4096, 10)), block_m(256, (784, 4096, 10))) == (16, 128)  # at least 256 rows
-    assert block_m(4096, (784, 128, 128, 10)) == 64  # three layers: 64-row tiles, keyed on the last hidden layer
+    # other tiles than the 128-row ones (three layers, an unaligned input) keep LARGE_BATCH, as the narrow hidden
+    # layers below the work threshold do
+    assert (block_m(8192, (784, 128, 128, 10)), block_m(16384, (784, 128, 128, 10))) == (16, 64)
+    assert (block_m(8192, (1000, 128, 10)), block_m(16384, (1000, 128, 10))) == (16, 64)
+    assert (block_m(16383, (784, 16, 10)), block_m(16384, (784, 16, 10))) == (16, 128)
     assert block_m(4096, (784, 128, 10), torch.float32) == 16  # fp32 IEEE: never
     assert block_m(16384, (1000, 100, 10)) == 16  # unaligned hidden widths: never
     assert (block_m(8192, (784, 128, 10), backward=False), block_m(16384, (784, 128, 10), backward=False)) == (32, 64)

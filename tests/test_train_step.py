@@ -231,8 +231,7 @@ def test_half_precision_step(backend, dtype, tiles, monkeypatch):
             pytest.skip("the kernels' tiles")
         from pyfused.kernels import rows
 
-        monkeypatch.setattr(rows, "STEP_LARGE_ROWS", 32)  # the train step's large tiles at 40 rows
-        monkeypatch.setattr(rows, "STEP_LARGE_WORK", 32 * hidden)
+        monkeypatch.setattr(rows, "LARGE_BATCH", 32)
         cfg = rows.rows_config(40, (n_in, hidden, 10), dtype, forward=True, backward=True)
         assert cfg["BLOCK_M"] == int(tiles.split()[0])
     if tiles == "wide gradient tiles":
