@@ -216,14 +216,13 @@ def _split_of(case: gc.Case, result: dict) -> int:
     the grid the launcher made (its tiles × S, and the loss program), so the model never prices another S."""
     import torch
 
-    from pyfused.kernels.grads import resident_programs, split_count, tile_counts
+    from pyfused.kernels.grads import resident_programs, slice_rows, split_count, tile_counts
 
     tiles = tile_counts(case.widths, result["config"])
     split = case.split if case.split is not None else split_count(
         case.n_rows, sum(tiles), torch.device("cuda"), gc.SM_COUNTS[case.arch], whole_waves=True,
         tensor_cores=case.mode in ("tf32", "bf16", "fp16"), resident=resident_programs(result["config"], "update"))
-    chunk = -(-(-(-max(case.n_rows, 1) // split)) // result["config"]["BLOCK_K"]) * result["config"]["BLOCK_K"]
-    split = -(-max(case.n_rows, 1) // chunk)  # the launcher's S: whole K-steps per slice
+    split = -(-max(case.n_rows, 1) // slice_rows(case.n_rows, split, result["config"]["BLOCK_K"]))  # grads()'s S
     last = 1 if _row_partials(case)[0] else split  # the row partials' tiles are not split
     if result["grid"][0] != sum(tiles[:-1]) * split + tiles[-1] * last + 1:
         raise RuntimeError(f"{case}: the launcher's grid {result['grid']} is not {tiles} tiles × S = "

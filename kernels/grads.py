@@ -360,6 +360,12 @@ def resident_programs(cfg: dict, epilogue: str) -> int:
     return 1 if epilogue != "store" and cfg["BLOCK_N"] >= 64 else 2
 
 
+def slice_rows(n_rows: int, split: int, block_k: int) -> int:
+    """Rows per slice of a reduction over ``n_rows`` split ``split`` ways: a multiple of ``block_k`` (each slice's
+    K loop is whole steps); ``cdiv(n_rows, slice_rows(...))`` is the S that covers the rows."""
+    return triton.cdiv(triton.cdiv(max(n_rows, 1), split), block_k) * block_k
+
+
 def split_count(n_rows: int, n_tiles: int, device: torch.device, sm_count: int | None = None,
                 whole_waves: bool = False, tensor_cores: bool = False, resident: int = 2) -> int:
     """S, the slices each weight-gradient tile's reduction over the B rows is split into, when the tiles alone
@@ -434,8 +440,7 @@ def grads(x, weights, acts, dpres, *, need, has_bias, epilogue="store", grads=No
             raise ValueError(f"row_partials: expected (R, {widths[-1] * widths[-2] + widths[-1]}), got "
                              f"{tuple(row_partials.shape)}")
         splits = (*splits[:-1], 1)
-    # rows per slice, a multiple of BLOCK_K (each slice's K loop is whole steps), and the S that covers B
-    chunks = tuple(triton.cdiv(triton.cdiv(max(n_rows, 1), s), cfg["BLOCK_K"]) * cfg["BLOCK_K"] for s in splits)
+    chunks = tuple(slice_rows(n_rows, s, cfg["BLOCK_K"]) for s in splits)
     splits = tuple(triton.cdiv(max(n_rows, 1), c) for c in chunks)
     starts, counter_starts = [0], [0]
     for i in range(n_layers):

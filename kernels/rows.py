@@ -233,8 +233,8 @@ def rows_kernel(
                                  activation_grad(d, a, tl.constexpr(ACTIVATIONS[h])).to(dtype), mask=hmask2)
 
 
-LARGE_BATCH = 16384  # rows from which a module's forward takes the tensor cores' 64-row tiles (TF32, 16-bit)
-# and the train step's row pass its 64- and 128-row tiles from this many rows × last hidden features, and at least
+LARGE_BATCH = 16384  # rows from which the row kernel takes the tensor cores' 64- and 128-row tiles (TF32, 16-bit)
+# and the train step's 128-row tiles (two layers) already from this many rows × hidden features, and at least
 # STEP_LARGE_ROWS rows (rows_config)
 STEP_LARGE_WORK = 1 << 19
 STEP_LARGE_ROWS = 256
