@@ -239,6 +239,7 @@ LARGE_BATCH = 16384  # rows from which the row kernel takes the tensor cores' 64
 STEP_LARGE_WORK = 1 << 19
 STEP_LARGE_ROWS = 256
 SPLIT_UNALIGNED_ROWS = 256  # up to here the train step's unaligned float32 hidden layers (the course's 100) split
+SPLIT_ALIGNED_ROWS = 1024  # and its aligned ones of 65-128 features (the seed's 128): G = 2 fits 132 SMs up to 1056
 
 
 def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool, backward: bool,
@@ -252,14 +253,20 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       as the train step, 64-row tiles for TF32 (K 32) and 16-bit dtypes (K 64) up to 256 outputs, 8 warps, 2
       stages (no spills on sm_80 and sm_90 in any of the forward variants at 16384–65536 rows; 4 warps spill at
       256 outputs, 3 stages at 4096 → 1024 → 128 in 16-bit dtypes);
-    - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape), K steps
-      of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the 8 programs of B = 128:
+    - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape but in fp32
+      IEEE, below), K steps of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the
+      8 programs of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
       warps (16 past 256 outputs: 4 warps spill in fp32 IEEE), 2 stages (1 for float64 with at most 32 inputs,
-      where the first layer is one K step); up to SPLIT_UNALIGNED_ROWS rows in fp32 IEEE, an unaligned hidden
-      layer of 65–128 features (the course's regression) two slices of 64, K steps of 32, 3 stages, for the
-      hidden split to share (the course's 64 rows: launch 1 9.8 → 6.4 µs, the step 12.2 → 8.8 predicted);
+      where the first layer is one K step); in fp32 IEEE, for two layers, up to 16 outputs and a hidden layer of
+      65–128 features, two slices of 64, K steps of 32, 3 stages, for the hidden split to share (G = 2: the
+      16-row blocks' FMA term halves) — up to SPLIT_UNALIGNED_ROWS rows for an unaligned hidden layer (the
+      course's regression at 64 rows: launch 1 9.8 → 6.4 µs, the step 12.2 → 8.8 predicted), up to
+      SPLIT_ALIGNED_ROWS for an aligned one with an input of whole 16-wide tiles, at least 64 (the seed at 128
+      rows: launch 1 8.5 → 5.6 µs, the step 11.4 → 8.5; at 1024 rows 14.1 → 11.2; past 1056 rows an H200's
+      SMs take no second group and the second slice costs, 8.5 → 8.8 at 2048 rows; no spills over 208 variants
+      with either ptxas, 1–1024 rows, 64–2048 inputs, relu and sigmoid, bias or not, NLL and MSE);
       from LARGE_BATCH rows — for the 128-row tiles below (two layers) from STEP_LARGE_WORK rows × hidden
       features too (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512 at 1024, 256 from 2048 on) — and for
       hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
@@ -315,11 +322,16 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
         if large and aligned:  # 128 rows for two layers, an aligned input and at most 128 outputs (TF32: 32, and
             # hidden slices of 64)
             return large_tiles(min(block_h, 64) if tall and not half else block_h, 128 if tall else 64)
-        if (dtype == torch.float32 and precision == "ieee" and not aligned and len(widths) == 3
-                and 64 < hidden <= 128 and n_rows <= SPLIT_UNALIGNED_ROWS and block_out <= 16):
-            # the course's regression (1000 -> 100 -> 10) at small B in fp32 IEEE: two hidden slices of 64 for
-            # the hidden split to share (G = 2: twice the SMs), K steps of 32, 3 stages (2 spilled 12 B on
-            # sm_90; TF32 spilled 12-20 B at some batch sizes with either: it keeps the slice of 128)
+        # (aligned: an input of whole 16-wide tiles, at least 64 — 20 or 1000 inputs spilled 4 B on sm_90 and 16
+        # inputs 4-12 B on sm_80 and sm_90 with Triton 3.6)
+        split_rows = (SPLIT_UNALIGNED_ROWS if not aligned else
+                      SPLIT_ALIGNED_ROWS if widths[0] % 16 == 0 and widths[0] >= 64 else 0)
+        if (dtype == torch.float32 and precision == "ieee" and len(widths) == 3 and 64 < hidden <= 128
+                and n_rows <= split_rows and block_out <= 16):
+            # fp32 IEEE at small B, 65-128 hidden features (the seed's 128, the course's regression 1000 -> 100
+            # -> 10): two hidden slices of 64 for the hidden split to share (G = 2: twice the SMs), K steps of
+            # 32, 3 stages (2 spilled 12 B on sm_90 with the course's 100; TF32 spilled 12-20 B at some batch
+            # sizes with either: it keeps the slice of 128)
             return dict(BLOCK_M=16, BLOCK_K=dot_block(widths[0], 32), BLOCK_H=64, BLOCK_OUT=block_out,
                         num_warps=8, num_stages=3)
         if dtype == torch.float64:  # K steps of 32 (16 spill 8 B at B = 1, and a few bytes in a chain of layers)

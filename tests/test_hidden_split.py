@@ -18,11 +18,11 @@ CONFIG = dict(BLOCK_M=16, BLOCK_K=16, BLOCK_H=16, BLOCK_OUT=16, num_warps=4, num
 IGNORE = -100
 
 
-def _net(dtype, bias, seed=0):
+def _net(dtype, bias, seed=0, n_in=N_IN, hidden=HIDDEN):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x, w1, w2 = r(B, N_IN), r(HIDDEN, N_IN) / 5, r(N_OUT, HIDDEN) / 5
-    biases = [r(HIDDEN), r(N_OUT)] if bias else [None, None]
+    x, w1, w2 = r(B, n_in), r(hidden, n_in) / 5, r(N_OUT, hidden) / 5
+    biases = [r(hidden), r(N_OUT)] if bias else [None, None]
     classes = torch.randint(0, N_OUT, (B,), generator=g)
     classes[::7] = IGNORE
     to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
@@ -42,15 +42,16 @@ def _rows(x, weights, biases, activation, loss, classes, target, split, mode, co
     step) or "forward" (a module's forward: activations and the head's output), with ``config``'s tiles."""
     new = lambda *s: torch.empty(s, dtype=x.dtype, device=x.device)  # noqa: E731
     acc = torch.promote_types(x.dtype, torch.float32)
-    outs = dict(acts=new(B, HIDDEN))
+    hidden = weights[0].shape[0]
+    outs = dict(acts=new(B, hidden))
     kwargs = dict(head="log_softmax" if loss == "class" else "logits", split=split, config=config)
     if mode == "step":
-        outs.update(dpres=new(B, HIDDEN), dz=new(B, N_OUT),
+        outs.update(dpres=new(B, hidden), dz=new(B, N_OUT),
                     stats=torch.empty(triton.cdiv(B, config["BLOCK_M"]), 2, dtype=acc, device=x.device))
         kwargs.update(loss=loss, target=classes if loss == "class" else target, dpres=[outs["dpres"]],
                       dz=outs["dz"], stats=outs["stats"])
         if partials:  # NaN where nothing is written (no bias: the sums)
-            outs["partials"] = torch.full((triton.cdiv(B, config["BLOCK_M"]), N_OUT * (HIDDEN + 1)), float("nan"),
+            outs["partials"] = torch.full((triton.cdiv(B, config["BLOCK_M"]), N_OUT * (hidden + 1)), float("nan"),
                                           dtype=acc, device=x.device)
             kwargs["row_partials"] = outs["partials"]
     else:
@@ -87,15 +88,17 @@ def test_split_row_pass_matches_float64_and_repeats_bit_for_bit(kernels, dtype, 
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)  # every launch leaves them at 0
 
 
+@pytest.mark.parametrize("n_in,hidden", [(N_IN, HIDDEN), (64, 128), (80, 96)])
 @pytest.mark.parametrize("loss,activation,bias", [("class", "relu", True), ("mse", "sigmoid", False)])
-def test_the_unaligned_float32_split_tiles_match_float64(kernels, loss, activation, bias):
-    """The train step's tiles for an unaligned hidden layer of 65-128 features in fp32 IEEE at small B (the
-    course's regression, 1000 → 100 → 10 at 64 rows; here 40 × 24 → 100 → 5): two slices of 64 (the last
-    ragged), K steps of 32, 3 stages — what rows_config gives — split in G = 2: every output against float64,
-    bit identical twice."""
-    config = R.rows_config(B, (N_IN, HIDDEN, N_OUT), torch.float32, forward=True, backward=True, loss=loss)
+def test_the_float32_split_tiles_match_float64(kernels, loss, activation, bias, n_in, hidden):
+    """The train step's tiles for a hidden layer of 65-128 features in fp32 IEEE at small B — unaligned (the
+    course's regression, 1000 → 100 → 10 at 64 rows; here 40 × 24 → 100 → 5) or aligned with an aligned input
+    of at least 64 (the seed, 784 → 128 → 10 at 128 rows; here 64 → 128 and 80 → 96): two slices of 64 (the
+    last ragged but at 128), K steps of 32, 3 stages — what rows_config gives — split in G = 2: every output
+    against float64, bit identical twice."""
+    config = R.rows_config(B, (n_in, hidden, N_OUT), torch.float32, forward=True, backward=True, loss=loss)
     assert (config["BLOCK_H"], config["BLOCK_K"], config["num_stages"]) == (64, 32, 3)
-    net = _net(torch.float32, bias)
+    net = _net(torch.float32, bias, n_in=n_in, hidden=hidden)
     ours, seen = _rows(*net[:3], activation, loss, *net[3:], 2, "step", config)
     exact = _exact(*net[:3], activation, loss, *net[3:])
     assert seen[0].kwargs["HSPLIT"] and seen[0].grid == (triton.cdiv(B, 16) * 2,)
@@ -108,16 +111,39 @@ def test_the_unaligned_float32_split_tiles_match_float64(kernels, loss, activati
 def test_the_course_regression_takes_two_slices_at_small_batches():
     """fp32 IEEE, 1000 → 100 → 10: slices of 64 up to SPLIT_UNALIGNED_ROWS rows (the hidden split then gives
     twice the SMs: launch 1 9.8 → 6.4 µs predicted at 64 rows on an H200), one slice of 128 past them, in TF32
-    (which spilled), for aligned widths and for module forwards."""
+    (which spilled), for three layers and for module forwards."""
     f32 = torch.float32
     cfg = lambda rows, widths=(1000, 100, 10), precision="ieee", backward=True: R.rows_config(  # noqa: E731
         rows, widths, f32, forward=True, backward=backward, precision=precision)
     assert (cfg(64)["BLOCK_H"], cfg(R.SPLIT_UNALIGNED_ROWS)["BLOCK_H"], cfg(R.SPLIT_UNALIGNED_ROWS + 1)["BLOCK_H"]) \
         == (64, 64, 128)
-    assert cfg(64, precision="tf32")["BLOCK_H"] == 128 and cfg(64, (784, 128, 10))["BLOCK_H"] == 128
+    assert cfg(64, precision="tf32")["BLOCK_H"] == 128
     assert cfg(64, (20, 13, 8, 3))["BLOCK_H"] == 16 and cfg(64, backward=False)["BLOCK_H"] == 32
     cuda = torch.device("cuda")
     assert R.hidden_split(4, 2, cuda, sm_count=132, tensor_cores=False) == 2  # 64 rows: 4 blocks, G = 2
+
+
+def test_the_seed_takes_two_slices_up_to_1024_rows():
+    """fp32 IEEE, 784 → 128 → 10 (the seed): slices of 64, K steps of 32, 3 stages up to SPLIT_ALIGNED_ROWS
+    rows — where the 16-row blocks leave half of an H200's SMs idle, so the hidden split gives G = 2 (at 128 rows
+    launch 1 8.5 → 5.6 µs, the step 11.4 → 8.5 predicted; at 1024 rows 14.1 → 11.2) —; one slice of 128 past
+    them, in TF32 and 16-bit dtypes (chain-bound: the split's extra steps would cost), for inputs that are not
+    whole 16-wide tiles of at least 64 (20, 1000 and 16 inputs spilled 4–12 B with Triton 3.6), past 16
+    outputs, for three layers and for module forwards."""
+    cfg = lambda rows, widths=(784, 128, 10), dtype=torch.float32, precision="ieee", backward=True: (  # noqa: E731
+        R.rows_config(rows, widths, dtype, forward=True, backward=backward, precision=precision))
+    assert R.SPLIT_ALIGNED_ROWS == 1024
+    split = dict(BLOCK_M=16, BLOCK_K=32, BLOCK_H=64, BLOCK_OUT=16, num_warps=8, num_stages=3)
+    assert cfg(1) == cfg(128) == cfg(R.SPLIT_ALIGNED_ROWS) == cfg(128, (64, 80, 16)) == split
+    assert cfg(R.SPLIT_ALIGNED_ROWS + 1)["BLOCK_H"] == 128
+    for other in (dict(precision="tf32"), dict(dtype=torch.bfloat16), dict(widths=(1000, 128, 10)),
+                  dict(widths=(48, 128, 10)), dict(widths=(20, 128, 10)), dict(widths=(784, 128, 32)),
+                  dict(widths=(784, 128, 128, 10)), dict(backward=False)):
+        assert cfg(128, **other)["BLOCK_H"] != 64 or cfg(128, **other)["BLOCK_K"] != 32, other
+    cuda = torch.device("cuda")
+    n_slices = triton.cdiv(128, split["BLOCK_H"])
+    assert R.hidden_split(128 // 16, n_slices, cuda, sm_count=132, tensor_cores=False) == 2
+    assert R.hidden_split(R.SPLIT_ALIGNED_ROWS // 16, n_slices, cuda, sm_count=132, tensor_cores=False) == 2
 
 
 @pytest.mark.parametrize("block_m", [64, 128])
@@ -324,7 +350,7 @@ def test_how_many_groups():
     assert R.hidden_split(67, 8, cuda, sm_count=132, tensor_cores=False) == 1  # 2 · 67 programs: two waves
     assert R.hidden_split(64, 8, cuda, sm_count=132) == 1  # TF32 / 16-bit: L2-bound there, the split costs more
     assert R.hidden_split(33, 8, cuda, sm_count=132) == 4  # a quarter of the SMs
-    assert R.hidden_split(8, 1, cuda, sm_count=132) == 1  # hidden 128 in the train step: one slice
+    assert R.hidden_split(8, 1, cuda, sm_count=132) == 1  # hidden 128 in the train step (TF32): one slice
     assert R.hidden_split(256, 8, cuda, sm_count=132) == 1  # the row blocks fill the GPU
     assert R.hidden_split(8, 8, cpu) == 1  # the interpreter: never (tests force it)
 
