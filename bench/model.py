@@ -175,11 +175,11 @@ def two_launch_floor(B: int, h: int, mode: str, peak, l2_mb: float) -> float:
     return (launch1 + launch2) * 1e6 + 2 * LAUNCH_US
 
 
-def _cases(arch):
+def _cases(arch, batches=BATCHES, hidden=HIDDEN, modes=MODES):
     out = []
-    for B in BATCHES:
-        for h in HIDDEN:
-            for mode in MODES:
+    for B in batches:
+        for h in hidden:
+            for mode in modes:
                 out.append((B, h, mode, gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT, hsplit=1),
                             gc.Case("step_grads", arch, mode, True, B, N_IN, h, N_OUT, split=1),
                             gc.Case("step_rows", arch, mode, True, B, N_IN, h, N_OUT),
@@ -240,10 +240,10 @@ def _step(c_rows: gc.Case, c_grads: gc.Case, results: dict, sms: int, peak, mode
                 grads_bound=r2["bound"], grads_grid=r2["grid"], step_us=r1["time"] + r2["time"])
 
 
-def model(device: str) -> list[dict]:
+def model(device: str, batches=BATCHES, hidden=HIDDEN, modes=MODES) -> list[dict]:
     name, arch, sms = DEVICES[device]
     peak = peak_for(name)
-    table = _cases(arch)
+    table = _cases(arch, batches, hidden, modes)
     results = gc.compile_cases([c for row in table for c in row[3:]])
     rows = []
     for B, h, mode, *cases in table:
@@ -293,11 +293,7 @@ def write(device: str, rows: list[dict], out: Path, course: list[dict] = ()) -> 
              "| B | hidden | mode | version | S / G | launch 1 µs (bound) | launch 2 µs (bound, grid) | step µs | "
              "roofline µs | step / roofline | two-launch floor µs (/ roofline) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "
-                     f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
-                     f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× | "
-                     f"{r['floor_us']:.1f} ({r['floor_ratio']:.2f}×) |")
+    lines += [table_row(r) for r in rows]
     if course:
         lines += ["", "## The course's programs (FusedTrainStep, the launchers' choice)", "",
                   "Each program's step at its own batch and at "
@@ -313,6 +309,14 @@ def write(device: str, rows: list[dict], out: Path, course: list[dict] = ()) -> 
                          f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× |")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def table_row(r: dict) -> str:
+    """One row of :func:`model` as a line of the results' first table."""
+    return (f"| {r['B']} | {r['hidden']} | {r['mode']} | {r['version']} | {r['S']} | "
+            f"{r['rows_us']:.1f} ({r['rows_bound']}) | {r['grads_us']:.1f} ({r['grads_bound']}, "
+            f"{r['grads_grid']}) | {r['step_us']:.1f} | {r['roofline_us']:.2f} | {r['ratio']:.2f}× | "
+            f"{r['floor_us']:.1f} ({r['floor_ratio']:.2f}×) |")
 
 
 def _committed_rows(device_name: str, root: Path | None) -> list[list[str]]:
@@ -346,7 +350,17 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "model")
+    sweep = parser.add_argument_group("another sweep", "print the first table's rows for these instead of writing "
+                                      "the results (the numbers of rows_config's docstring between the batches "
+                                      "and widths of the results)")
+    sweep.add_argument("--batches", type=int, nargs="+")
+    sweep.add_argument("--hidden", type=int, nargs="+")
+    sweep.add_argument("--modes", nargs="+", choices=MODES)
     args = parser.parse_args(argv)
+    if args.batches or args.hidden or args.modes:
+        rows = model(args.device, args.batches or BATCHES, args.hidden or HIDDEN, args.modes or MODES)
+        print("\n".join(table_row(r) for r in rows))
+        return
     print(write(args.device, model(args.device), args.out, course_model(args.device)))
 
 

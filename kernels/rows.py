@@ -268,8 +268,12 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       SMs take no second group and the second slice costs, 8.5 → 8.8 at 2048 rows; no spills over 208 variants
       with either ptxas, 1–1024 rows, 64–2048 inputs, relu and sigmoid, bias or not, NLL and MSE);
       from LARGE_BATCH rows — for the 128-row tiles below (two layers) from STEP_LARGE_WORK rows × hidden
-      features too (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512 at 1024, 256 from 2048 on) — and for
-      hidden widths that are multiples of 16, 64-row tiles for TF32 (K 32) and
+      features too (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512 at 1024, 256 from 2048 on; in TF32
+      from half that work at twice the rows as well: 2048 rows at hidden 128, 1024 at 256, 512 at 512, the step
+      16.4 → 13.7, 16.4 → 14.2 and 16.2 → 14.8 µs predicted, where bf16 loses, 10.4 → 10.8 and 10.1 → 11.0 at
+      hidden 128 and 512; 256 rows at hidden 1024 lost in TF32, 16.2 → 16.7: ``python -m bench.model
+      --batches … --hidden … --modes …``) — and for hidden widths that are multiples of 16, 64-row tiles for
+      TF32 (K 32) and
       16-bit dtypes (K 64), 8 warps — a quarter of the weight re-reads from L2, and the tensor cores' larger
       instructions (fp32 IEEE spills at 32 and 64 rows: it keeps 16; the course's hidden 100 spills 8–836 B at
       64 rows, with MSE or sigmoid: it keeps 16 too) —, and 128-row tiles in 16-bit dtypes for two layers with an
@@ -309,8 +313,10 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
     # 128-row tiles (the train step at two layers): from rows × hidden features as well as from LARGE_BATCH rows
     tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
-    enough = n_rows >= LARGE_BATCH or (backward and tall and n_rows >= STEP_LARGE_ROWS
-                                       and n_rows * widths[-2] >= STEP_LARGE_WORK)
+    work = n_rows * widths[-2]  # TF32 from half the work too, at twice the rows (docstring)
+    enough = n_rows >= LARGE_BATCH or (backward and tall and (
+        n_rows >= STEP_LARGE_ROWS and work >= STEP_LARGE_WORK
+        or not half and n_rows >= 2 * STEP_LARGE_ROWS and 2 * work >= STEP_LARGE_WORK))
     large = forward and enough and (half or precision == "tf32") and not wide
 
     def large_tiles(block_h, block_m=64):  # from LARGE_BATCH rows, with a forward: the tensor cores' tiles

@@ -58,7 +58,8 @@ STEP_WORK = [  # the train step's 128-row tiles below 16384 rows (rows_config: f
         ("tf32", True, 512, 1024, 10, "relu"), ("bf16", True, 512, 1024, 10, "relu"),
         ("bf16", False, 1024, 1024, 10, "sigmoid"), ("fp16", False, 1024, 1024, 10, "sigmoid"),
         ("tf32", True, 4096, 128, 10, "sigmoid"), ("bf16", True, 4096, 128, 10, "sigmoid"),
-        ("bf16", True, 512, 1024, 128, "relu"), ("tf32", False, 1024, 1024, 32, "sigmoid"))
+        ("bf16", True, 512, 1024, 128, "relu"), ("tf32", False, 1024, 1024, 32, "sigmoid"),
+        ("tf32", False, 2048, 128, 10, "relu"))  # TF32 from half the work at twice the rows
 ]
 UNALIGNED_SPLIT = [  # the course's regression (1000 -> 100 -> 10) at small B in fp32 IEEE: two slices of 64, split
     gc.Case(kernel, arch, "fp32", bias, B, 1000, 100, 10, activation=act)
@@ -185,8 +186,9 @@ def test_large_batches_take_tensor_core_row_tiles(case, default_results):
 @pytest.mark.parametrize("case", STEP_WORK, ids=str)
 def test_the_train_step_takes_tensor_core_row_tiles_from_enough_work(case, default_results):
     """Below 16384 rows the train step's row pass takes its 128-row tiles where rows × hidden features reach
-    STEP_LARGE_WORK, and the hidden split where those row blocks leave SMs idle (hidden 1024 at 512 and 1024
-    rows: 4 and 8 blocks), with K steps of 32 in 16-bit dtypes then; none spills."""
+    STEP_LARGE_WORK (TF32: half of it at twice the rows), and the hidden split where those row blocks leave SMs
+    idle (hidden 1024 at 512 and 1024 rows: 4 and 8 blocks), with K steps of 32 in 16-bit dtypes then; none
+    spills."""
     result = default_results[case]
     config = result["config"]
     assert (config["BLOCK_M"], config["num_warps"]) == (128, 8), config

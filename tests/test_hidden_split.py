@@ -382,17 +382,22 @@ def test_the_row_pass_twin_against_autograd(loss, activation):
 
 def test_the_train_steps_large_tiles_from_enough_rows_times_hidden_features():
     """The train step's row pass takes its 128-row tensor-core tiles (two layers) from STEP_LARGE_WORK rows × hidden
-    features (and STEP_LARGE_ROWS rows): 4096 rows at hidden 128, 512 at 1024, 256 at 4096 — where bench.model
-    predicts the step faster than with 16-row tiles —, and every large tile from LARGE_BATCH rows, as a module's
-    forward."""
+    features (and STEP_LARGE_ROWS rows): 4096 rows at hidden 128, 512 at 1024, 256 at 4096 — in TF32 from half
+    that work at twice the rows too: 2048 at hidden 128, 1024 at 256, 512 at 512 —, where bench.model predicts
+    the step faster than with 16-row tiles, and every large tile from LARGE_BATCH rows, as a module's forward."""
     def block_m(n_rows, widths, dtype=torch.bfloat16, backward=True, precision="ieee"):
         return R.rows_config(n_rows, widths, dtype, forward=True, backward=backward, precision=precision)["BLOCK_M"]
 
+    def tf32(n_rows, widths):
+        return block_m(n_rows, widths, torch.float32, precision="tf32")
+
     assert (block_m(4095, (784, 128, 10)), block_m(4096, (784, 128, 10))) == (16, 128)
     assert (block_m(511, (784, 1024, 10)), block_m(512, (784, 1024, 10))) == (16, 128)
-    assert (block_m(4095, (784, 128, 10), torch.float32, precision="tf32"),
-            block_m(4096, (784, 128, 10), torch.float32, precision="tf32")) == (16, 128)
     assert (block_m(128, (784, 4096, 10)), block_m(256, (784, 4096, 10))) == (16, 128)  # at least 256 rows
+    assert (block_m(2048, (784, 128, 10)), block_m(1024, (784, 256, 10))) == (16, 16)  # 16-bit: the whole work
+    assert (tf32(2047, (784, 128, 10)), tf32(2048, (784, 128, 10)), tf32(4096, (784, 128, 10))) == (16, 128, 128)
+    assert (tf32(1024, (784, 256, 10)), tf32(512, (784, 512, 10)), tf32(256, (784, 4096, 10))) == (128, 128, 128)
+    assert (tf32(511, (784, 1024, 10)), tf32(256, (784, 1024, 10))) == (16, 16)  # half the work: 512 rows
     # other tiles than the 128-row ones (three layers, an unaligned input) keep LARGE_BATCH, as the narrow hidden
     # layers below the work threshold do
     assert (block_m(8192, (784, 128, 128, 10)), block_m(16384, (784, 128, 128, 10))) == (16, 64)

@@ -192,3 +192,25 @@ def test_the_course_table_covers_every_course_program():
     assert {(r[0], r[2], r[4].n_rows, r[3]) for r in table} == {
         (p, o, B, m) for p, _, _, _, o in [(s[0], 0, 0, 0, s[4]) for s in model.COURSE_STEPS]
         for B in (gc.COURSE[p][0][0], gc.COURSE_LARGE_ROWS) for m in model.MODES}
+
+
+def test_another_sweep_prints_its_rows_and_writes_nothing(monkeypatch, capsys, tmp_path):
+    """``--batches/--hidden/--modes`` price those points with the launchers' own configs and grids (compiled
+    resources stood in for: one block per SM) and print the first table's rows; the results are not written."""
+    def compiled(cases):
+        out = {}
+        for case in cases:
+            launch = gc.capture(case)
+            config = {k: v for k, v in launch.kwargs.items() if isinstance(v, (bool, int, str))
+                      or (isinstance(v, tuple) and all(isinstance(e, int) for e in v))}
+            out[case] = dict(config=config, grid=list(launch.grid), blocks_per_sm=1)
+        return out
+
+    monkeypatch.setattr(model.gc, "compile_cases", compiled)
+    model.main(["--device", "h200", "--batches", "2048", "--hidden", "128", "256", "--modes", "tf32",
+                "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[:4] for line in lines] == [
+        ["| 2048", str(h), "tf32", version] for h in (128, 256) for version in ("before", "after")]
+    assert lines[1].split(" | ")[4] == "4 / 2"  # TF32's 128-row tiles at 2048 rows, hidden 128: G = 2
+    assert not list(tmp_path.iterdir())
