@@ -349,7 +349,7 @@ def committed_course(device_name: str, root: Path | None = None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(DEVICES), default="h200")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "model")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results/model)")
     sweep = parser.add_argument_group("another sweep", "print the first table's rows for these instead of writing "
                                       "the results (the numbers of rows_config's docstring between the batches "
                                       "and widths of the results)")
@@ -358,10 +358,13 @@ def main(argv=None) -> None:
     sweep.add_argument("--modes", nargs="+", choices=MODES)
     args = parser.parse_args(argv)
     if args.batches or args.hidden or args.modes:
+        if args.out:
+            parser.error("--out is where the results are written; --batches, --hidden and --modes print instead")
         rows = model(args.device, args.batches or BATCHES, args.hidden or HIDDEN, args.modes or MODES)
         print("\n".join(table_row(r) for r in rows))
         return
-    print(write(args.device, model(args.device), args.out, course_model(args.device)))
+    out = args.out or Path(__file__).resolve().parent / "results" / "model"
+    print(write(args.device, model(args.device), out, course_model(args.device)))
 
 
 if __name__ == "__main__":

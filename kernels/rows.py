@@ -255,7 +255,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       256 outputs, 3 stages at 4096 → 1024 → 128 in 16-bit dtypes);
     - forward and backward (the train step): 16 rows, hidden slices of up to 128 (one at the seed shape but in fp32
       IEEE, below), K steps of 64 for 16-bit dtypes and TF32 and 32 for fp32 IEEE (fewer dependent steps for the
-      8 programs of B = 128:
+      8 row blocks of B = 128:
       49 steps of 16 became 13 and 25) — 16 in float32 for hidden widths that are not multiples of 16 and in
       fp32 IEEE past 128 outputs (a logits tile of 256 or more) —, 32 for float64 (16 spill 8 B at B = 1), 8
       warps (16 past 256 outputs: 4 warps spill in fp32 IEEE), 2 stages (1 for float64 with at most 32 inputs,
@@ -269,7 +269,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
       with either ptxas, 1–1024 rows, 64–2048 inputs, relu and sigmoid, bias or not, NLL and MSE);
       from LARGE_BATCH rows — for the 128-row tiles below (two layers) from STEP_LARGE_WORK rows × hidden
       features too (and STEP_LARGE_ROWS rows: 4096 rows at hidden 128, 512 at 1024, 256 from 2048 on; in TF32
-      from half that work at twice the rows as well: 2048 rows at hidden 128, 1024 at 256, 512 at 512, the step
+      from half that work as well, from twice STEP_LARGE_ROWS rows: 2048 rows at hidden 128, 1024 at 256, 512 at 512, the step
       16.4 → 13.7, 16.4 → 14.2 and 16.2 → 14.8 µs predicted, where bf16 loses, 10.4 → 10.8 and 10.1 → 11.0 at
       hidden 128 and 512; 256 rows at hidden 1024 lost in TF32, 16.2 → 16.7: ``python -m bench.model
       --batches … --hidden … --modes …``) — and for hidden widths that are multiples of 16, 64-row tiles for
@@ -313,7 +313,7 @@ def rows_config(n_rows: int, widths: tuple, dtype: torch.dtype, *, forward: bool
     aligned = all(n % 16 == 0 for n in widths[1:-1])  # hidden widths of whole 16-wide tiles
     # 128-row tiles (the train step at two layers): from rows × hidden features as well as from LARGE_BATCH rows
     tall = len(widths) == 3 and widths[0] % 16 == 0 and block_out <= (128 if half else 32)
-    work = n_rows * widths[-2]  # TF32 from half the work too, at twice the rows (docstring)
+    work = n_rows * widths[-2]  # TF32 from half the work too, from 2 · STEP_LARGE_ROWS rows (docstring)
     enough = n_rows >= LARGE_BATCH or (backward and tall and (
         n_rows >= STEP_LARGE_ROWS and work >= STEP_LARGE_WORK
         or not half and n_rows >= 2 * STEP_LARGE_ROWS and 2 * work >= STEP_LARGE_WORK))

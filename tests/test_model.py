@@ -207,10 +207,12 @@ def test_another_sweep_prints_its_rows_and_writes_nothing(monkeypatch, capsys, t
         return out
 
     monkeypatch.setattr(model.gc, "compile_cases", compiled)
-    model.main(["--device", "h200", "--batches", "2048", "--hidden", "128", "256", "--modes", "tf32",
-                "--out", str(tmp_path)])
+    monkeypatch.setattr(model, "write", lambda *args: pytest.fail("a sweep wrote the results"))
+    model.main(["--device", "h200", "--batches", "2048", "--hidden", "128", "256", "--modes", "tf32"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" | ")[:4] for line in lines] == [
         ["| 2048", str(h), "tf32", version] for h in (128, 256) for version in ("before", "after")]
     assert lines[1].split(" | ")[4] == "4 / 2"  # TF32's 128-row tiles at 2048 rows, hidden 128: G = 2
+    with pytest.raises(SystemExit):  # --out says where to write: not with a sweep
+        model.main(["--batches", "2048", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
