@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.gpu_check import correctness, stages  # noqa: E402
+from bench.gpu_check import choices, correctness, stages  # noqa: E402
 from bench.gpu_check.report import Report  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run (CI's); on a GPU run the command itself")
@@ -71,8 +71,12 @@ def test_gpu_stages_code_paths_on_the_cpu(tmp_path, monkeypatch):
                                                    dims=(32, 16, 10)),
                             launches=dict(batches=(8, 40), dtypes=("fp32",), dims=(32, 16, 10)),
                             wide=dict(batches=(8,), dtypes=("fp32",), dims=(32, 48, 10)),
-                            course=dict(shapes=shapes, large=24, modes=("fp32",)))
+                            course=dict(shapes=shapes, large=24, modes=("fp32",)),
+                            choices=(choices.Choice("tiny", 40, (64, 96, 5), "fp32", choices.ONE_SLICE, (2.0, 1.0)),))
     assert report.stages["timings"][0] == "pass", report.stages["timings"]
+    (chosen,) = report.csv["timings_choices"]  # the launcher's two slices of 64 against one of 128, same outputs
+    assert chosen["status"] == "ok" and chosen["predicted"] == "2.0 → 1.0"
+    assert float(chosen["launcher_us"]) > 0 and float(chosen["earlier_us"]) > 0
     course = report.csv["timings_course"]
     assert {(r["program"], r["optimizer"], r["batch"]) for r in course} == {
         (p, o, b) for p, o in ((fashion, "sgd"), (regression, "sgd"), (regression, "adam"), (small, "sgd"))
@@ -119,3 +123,14 @@ def test_committed_compile_report_parses():
     for kernel in ("forward_loss", "rows_loss", "grads", "sgd", "step_rows", "step_grads"):
         regs, spill = table[(kernel, "fp32", "no")]
         assert int(regs) > 0 and spill.count("/") == 1
+
+
+def test_each_config_choice_times_two_different_launches():
+    """The choices gpu_check times are launches whose launcher tiles differ from the earlier ones (else the side by
+    side would compare a launch with itself): the seed's fp32 rows take two slices of 64 where they took 128."""
+    from pyfused.kernels import rows as R
+
+    for choice in choices.CHOICES:
+        now = R.rows_config(choice.batch, choice.widths, choices.DTYPES[choice.mode], forward=True, backward=True,
+                            loss="class")
+        assert now != choice.earlier and (now["BLOCK_H"], choice.earlier["BLOCK_H"]) == (64, 128), choice

@@ -20,7 +20,9 @@ that a run cut short still leaves a report:
    CUDA-graphed eager, FusedMLP + FusedSGD, FusedTrainStep and its captured form; each pyfused launch alone at
    B = 128, 4096, 16384, 65536 (784 → 128 → 10; fp32, TF32, bf16); the step at those B against its roofline;
    each course program's FusedTrainStep (the regression with SGD and with Adam, the 20 → 13 → 8 → 3 net) at its
-   own batch and at 16384 rows, eager and captured — each beside ``bench.model``'s committed prediction;
+   own batch and at 16384 rows, eager and captured — each beside ``bench.model``'s committed prediction; and the
+   launch configurations chosen from the model without a GPU against those they replaced
+   (:data:`bench.gpu_check.choices.CHOICES`);
 6. **registers**: what the driver's compile of each kernel of a seed step reports (registers, spills) against
    the committed compile report ``bench/results/compile/<arch>.md``.
 

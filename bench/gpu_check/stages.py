@@ -392,12 +392,28 @@ def stage_timings(report: Report, device: torch.device, **sizes) -> None:
                      r.get("measured_over_predicted", "")] for r in course_rows])
     if len(course_rows) < len(points) and status == "pass":
         status = "cut short (budget)"
+    from bench.gpu_check.choices import CHOICES, time_choices
+
+    choices = sizes.get("choices", CHOICES)
+    choice_rows = time_choices(report, device, choices)
+    report.rows("timings_choices", choice_rows)
+    lines += ["", "Launch configurations chosen from bench.model without a GPU (bench/gpu_check/choices.py): the "
+              "launcher's tiles against those they replaced, the launch alone, outputs compared first, `do_bench` "
+              "medians; predicted = bench.model's µs, earlier → launcher:", ""]
+    lines += table(["what", "B", "dtype", "status", "launcher µs", "earlier µs", "earlier / launcher", "predicted"],
+                   [[r["what"], r["batch"], r["dtype"], r["status"], r["launcher_us"], r["earlier_us"],
+                     r["earlier_over_launcher"], r.get("predicted", "")] for r in choice_rows])
+    if any(r["status"] != "ok" for r in choice_rows):
+        status = "fail"
+    elif len(choice_rows) < len(choices) and status == "pass":
+        status = "cut short (budget)"
     best = next((r for r in seed_rows if r["impl"] == "fused_train_step_cudagraph" and r["median_us"]), None) or \
         next((r for r in seed_rows if r["impl"] == "fused_train_step" and r["median_us"]), None)
     summary = f"seed step {best['impl']} {best['median_us']} µs ({best['speedup_vs_eager']}× eager)" if best else \
         "no pyfused seed-step time"
     report.set("timings", status, summary + f"; {done}/{expected} (B, hidden, dtype) points of the sweep, "
-               f"{len(course_rows)}/{len(points)} course steps", lines)
+               f"{len(course_rows)}/{len(points)} course steps, {len(choice_rows)}/{len(choices)} config choices",
+               lines)
 
 
 # ----------------------------------------------------------------------------------------------- 6. registers
