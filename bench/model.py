@@ -49,6 +49,7 @@ L2_MB = {"h200": 60, "h100": 50}  # L2 capacity: whether launch 2 can find x the
 BATCHES = (128, 1024, 4096, 16384, 65536)
 HIDDEN = (128, 1024)
 MODES = ("fp32", "tf32", "bf16")
+RESULTS = Path(__file__).resolve().parent / "results" / "model"
 N_IN, N_OUT = 784, 10
 
 
@@ -323,7 +324,7 @@ def _committed_rows(device_name: str, root: Path | None) -> list[list[str]]:
     """The cells of every table row of the committed ``bench/results/model/<device>.md`` for a CUDA device of
     that name (H200, H100; else none)."""
     device = next((key for key in ("h200", "h100") if key in device_name.lower()), None)
-    path = (root or Path(__file__).resolve().parent / "results" / "model") / f"{device}.md"
+    path = (root or RESULTS) / f"{device}.md"
     if device is None or not path.exists():
         return []
     return [[c.strip() for c in line.strip().strip("|").split("|")]
@@ -363,7 +364,7 @@ def main(argv=None) -> None:
         rows = model(args.device, args.batches or BATCHES, args.hidden or HIDDEN, args.modes or MODES)
         print("\n".join(table_row(r) for r in rows))
         return
-    out = args.out or Path(__file__).resolve().parent / "results" / "model"
+    out = args.out or RESULTS
     print(write(args.device, model(args.device), out, course_model(args.device)))
 
 

@@ -38,7 +38,6 @@ def _row_launch(choice: Choice, device: torch.device):
     """The launch's inputs and buffers, and ``run(config, split)`` making it into them (None, None: the
     launcher's choice)."""
     from pyfused.kernels import rows as R
-    from pyfused.kernels.launch import dot_precision
 
     n_in, hidden, n_out = choice.widths
     dtype = DTYPES[choice.mode]
@@ -50,12 +49,11 @@ def _row_launch(choice: Choice, device: torch.device):
     target = torch.randint(0, n_out, (choice.batch,), device=device, generator=g)
 
     def run(config, split):
-        cfg = config or R.rows_config(choice.batch, choice.widths, dtype, forward=True, backward=True,
-                                      precision=dot_precision(dtype, device), loss="class")
+        blocks = (triton.cdiv(choice.batch, config["BLOCK_M"]) if config
+                  else R.n_row_blocks(choice.batch, choice.widths, dtype, device=device))
         outs = dict(acts=x.new_empty(choice.batch, hidden), dpres=x.new_empty(choice.batch, hidden),
                     dz=x.new_empty(choice.batch, n_out),
-                    stats=torch.empty(triton.cdiv(choice.batch, cfg["BLOCK_M"]), 2, device=device,
-                                      dtype=torch.promote_types(dtype, torch.float32)))
+                    stats=torch.empty(blocks, 2, device=device, dtype=torch.promote_types(dtype, torch.float32)))
 
         def launch():
             R.rows(x, weights, biases, ("relu",), loss="class", target=target, acts=[outs["acts"]],
